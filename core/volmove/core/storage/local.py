@@ -1,0 +1,171 @@
+"""A local-directory backend, the embedded default.
+
+Writes go to a temp file in the destination folder, are fsynced and renamed
+into place, so a crash leaves either the whole object or a temp file that
+``cleanup_incomplete`` removes.  ``os.link`` gives write-once semantics
+without a check-then-rename race.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from volmove.core.errors import (
+    ConflictError,
+    CorruptDataError,
+    NotFoundError,
+    RepositoryError,
+    StorageError,
+)
+from volmove.core.storage.base import ObjectInfo
+
+TMP_PREFIX = ".tmp-"
+
+
+def _storage_error(exc: OSError, what: str) -> StorageError:
+    if exc.errno == errno.ENOSPC:
+        return StorageError(f"no space left on device while writing {what}")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return StorageError(f"permission denied: {what}")
+    return StorageError(f"{what}: {exc.strerror or exc}")
+
+
+class LocalStorage:
+    def __init__(self, root: str | Path, *, create: bool = False) -> None:
+        self.root = Path(root).absolute()
+        self.url = f"file://{self.root}"
+        if create:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise _storage_error(exc, str(self.root)) from None
+        elif not self.root.is_dir():
+            raise RepositoryError(f"repository directory {self.root} does not exist (run 'volmove init')")
+        self._host = socket.gethostname()
+
+    def _path(self, key: str) -> Path:
+        if key.startswith("/") or ".." in key.split("/") or "\0" in key:
+            raise CorruptDataError(f"invalid object key {key!r}")
+        return self.root / key
+
+    def put(self, key: str, data: bytes, *, overwrite: bool = False) -> None:
+        path = self._path(key)
+        tmp = path.parent / f"{TMP_PREFIX}{self._host}-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                self._link_once(tmp, path, key)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _storage_error(exc, f"object {key}") from None
+
+    def _link_once(self, tmp: Path, path: Path, key: str) -> None:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise ConflictError(f"object {key} already exists") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise NotFoundError(f"object {key} not found in {self.url}") from None
+        except OSError as exc:
+            raise _storage_error(exc, f"object {key}") from None
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                data = os.pread(f.fileno(), length, offset)
+        except FileNotFoundError:
+            raise NotFoundError(f"object {key} not found in {self.url}") from None
+        except OSError as exc:
+            raise _storage_error(exc, f"object {key}") from None
+        if len(data) != length:
+            raise CorruptDataError(f"object {key} is shorter than expected")
+        return data
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def stat(self, key: str) -> ObjectInfo:
+        try:
+            st = self._path(key).stat()
+        except FileNotFoundError:
+            raise NotFoundError(f"object {key} not found in {self.url}") from None
+        return ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        # Walk only the folder the prefix names, so listing snapshots/ does not read data/.
+        base, _, _ = prefix.rpartition("/")
+        start = self.root / base if base else self.root
+        for dirpath, _dirs, files in os.walk(start):
+            rel = os.path.relpath(dirpath, self.root)
+            for name in files:
+                if name.startswith(TMP_PREFIX):
+                    continue
+                key = name if rel == "." else f"{rel}/{name}"
+                if key.startswith(prefix):
+                    try:
+                        st = os.stat(os.path.join(dirpath, name))
+                    except FileNotFoundError:
+                        continue
+                    yield ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise _storage_error(exc, f"object {key}") from None
+
+    def cleanup_incomplete(self, older_than: float) -> int:
+        """Remove temp files of dead writers on this host, or older than ``older_than``."""
+        removed = 0
+        now = time.time()
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if name.startswith(TMP_PREFIX) and self._stale(os.path.join(dirpath, name), name, now, older_than):
+                    Path(dirpath, name).unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
+    def _stale(self, path: str, name: str, now: float, older_than: float) -> bool:
+        parts = name[len(TMP_PREFIX) :].rsplit("-", 2)
+        if len(parts) == 3 and parts[0] == self._host and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+            return True
+        try:
+            return now - os.stat(path).st_mtime > older_than
+        except FileNotFoundError:
+            return False
+
+    def close(self) -> None:
+        pass
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
