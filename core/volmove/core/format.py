@@ -1,0 +1,216 @@
+"""The repository format, version 1 (documented in docs/FORMAT.md).
+
+Pure: object names, the config object, pack trailers and index objects, and
+their validation.  Everything read back from storage is untrusted and is
+checked here before use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import zstandard
+from volmove.core.errors import CorruptDataError, RepositoryError
+
+FORMAT_VERSION = 1
+# Features this build understands; a repository naming any other is refused.
+SUPPORTED_FEATURES: frozenset[str] = frozenset()
+
+CONFIG_KEY = "config"
+PACK_MAGIC = b"VMPACK01"
+TRAILER = struct.Struct("<I8s")  # header length, magic
+MAX_HEADER = 64 << 20
+MAX_META_BYTES = 256 << 20  # a catalog/index object may not inflate beyond this
+
+BLOB_DATA = "d"
+BLOB_META = "m"
+BLOB_TYPES = frozenset({BLOB_DATA, BLOB_META})
+
+
+def blob_id(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def is_hex_id(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def pack_key(pack_id: str) -> str:
+    return f"data/{pack_id[:2]}/{pack_id}"
+
+
+def index_key(index_id: str) -> str:
+    return f"index/{index_id}"
+
+
+def snapshot_key(snapshot_id: str) -> str:
+    return f"snapshots/{snapshot_id}"
+
+
+def id_from_key(key: str) -> str:
+    return key.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class ChunkerParams:
+    min_size: int = 32 * 1024
+    avg_size: int = 128 * 1024
+    max_size: int = 512 * 1024
+
+
+@dataclass(frozen=True)
+class RepoConfig:
+    id: str
+    created: str
+    version: int = FORMAT_VERSION
+    features: tuple[str, ...] = ()
+    chunker: ChunkerParams = field(default_factory=ChunkerParams)
+    compression: str = "zstd"
+    hash: str = "sha256"
+
+    def to_json(self) -> bytes:
+        doc = {
+            "volmove_repository": self.version,
+            "id": self.id,
+            "created": self.created,
+            "features": list(self.features),
+            "chunker": {"min": self.chunker.min_size, "avg": self.chunker.avg_size, "max": self.chunker.max_size},
+            "compression": self.compression,
+            "hash": self.hash,
+        }
+        return json.dumps(doc, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> RepoConfig:
+        doc = _load_json(raw, "repository config")
+        version = doc.get("volmove_repository")
+        if version != FORMAT_VERSION:
+            raise RepositoryError(
+                f"unsupported repository format version {version!r} (this volmove reads {FORMAT_VERSION})"
+            )
+        features = doc.get("features", [])
+        unknown = set(features) - SUPPORTED_FEATURES if isinstance(features, list) else {"?"}
+        if unknown:
+            raise RepositoryError(
+                f"repository needs features this volmove lacks: {', '.join(sorted(map(str, unknown)))}"
+            )
+        ch = doc.get("chunker", {})
+        params = ChunkerParams(
+            _int(ch, "min", 64, 1 << 24), _int(ch, "avg", 256, 1 << 26), _int(ch, "max", 1024, 1 << 27)
+        )
+        if doc.get("compression") != "zstd" or doc.get("hash") != "sha256":
+            raise RepositoryError("repository uses a compression or hash this volmove does not know")
+        return cls(id=str(doc.get("id")), created=str(doc.get("created")), features=tuple(features), chunker=params)
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRef:
+    """Where one blob lives: pack, offset and stored length, and its raw length."""
+
+    pack: str
+    offset: int
+    length: int
+    raw_length: int
+    type: str
+
+
+def encode_pack_header(blobs: list[tuple[str, str, int, int, int]]) -> bytes:
+    """The trailer that makes a pack self-describing, so packs left by an
+    interrupted backup can be indexed and reused later."""
+    body = zstandard.ZstdCompressor(level=3).compress(json.dumps({"v": 1, "blobs": blobs}).encode())
+    return body + TRAILER.pack(len(body), PACK_MAGIC)
+
+
+def decode_pack_header(pack_id: str, tail: bytes, pack_size: int) -> list[tuple[str, BlobRef]]:
+    """Parse the header found at the end of a pack (``tail`` holds at least it)."""
+    if len(tail) < TRAILER.size:
+        raise CorruptDataError(f"pack {pack_id} is truncated")
+    hlen, magic = TRAILER.unpack(tail[-TRAILER.size :])
+    if magic != PACK_MAGIC or hlen > MAX_HEADER or hlen + TRAILER.size > min(len(tail), pack_size):
+        raise CorruptDataError(f"pack {pack_id} has no valid header")
+    header_start = pack_size - TRAILER.size - hlen
+    body = tail[len(tail) - TRAILER.size - hlen : len(tail) - TRAILER.size]
+    doc = _load_json(decompress_meta(body, f"pack {pack_id} header"), f"pack {pack_id} header")
+    return _parse_blob_rows(pack_id, doc.get("blobs"), header_start)
+
+
+def encode_index(packs: dict[str, list[tuple[str, str, int, int, int]]]) -> bytes:
+    doc = {"v": 1, "packs": [{"id": pid, "blobs": rows} for pid, rows in sorted(packs.items())]}
+    return zstandard.ZstdCompressor(level=3).compress(json.dumps(doc).encode())
+
+
+def decode_index(index_id: str, raw: bytes) -> list[tuple[str, BlobRef]]:
+    if blob_id(raw) != index_id:
+        raise CorruptDataError(f"index {index_id} does not match its hash")
+    doc = _load_json(decompress_meta(raw, f"index {index_id}"), f"index {index_id}")
+    packs = doc.get("packs")
+    if not isinstance(packs, list):
+        raise CorruptDataError(f"index {index_id} is malformed")
+    out: list[tuple[str, BlobRef]] = []
+    for pack in packs:
+        if not isinstance(pack, dict) or not is_hex_id(pack.get("id")):
+            raise CorruptDataError(f"index {index_id} is malformed")
+        out.extend(_parse_blob_rows(pack["id"], pack.get("blobs"), 1 << 40))
+    return out
+
+
+def _parse_blob_rows(pack_id: str, rows: Any, limit: int) -> list[tuple[str, BlobRef]]:
+    if not isinstance(rows, list):
+        raise CorruptDataError(f"pack {pack_id}: malformed blob list")
+    out = []
+    for row in rows:
+        if not (isinstance(row, list) and len(row) == 5):
+            raise CorruptDataError(f"pack {pack_id}: malformed blob entry")
+        bid, btype, off, length, raw = row
+        if not (is_hex_id(bid) and btype in BLOB_TYPES and _nat(off) and _nat(length) and _nat(raw)):
+            raise CorruptDataError(f"pack {pack_id}: malformed blob entry")
+        if off + length > limit or raw > MAX_META_BYTES:
+            raise CorruptDataError(f"pack {pack_id}: blob {bid} lies outside the pack")
+        out.append((bid, BlobRef(pack_id, off, length, raw, btype)))
+    return out
+
+
+def decompress_meta(raw: bytes, what: str) -> bytes:
+    return bounded_decompress(raw, MAX_META_BYTES, what)
+
+
+def bounded_decompress(raw: bytes | memoryview, limit: int, what: str) -> bytes:
+    """Decompress one zstd frame that may not inflate beyond ``limit`` bytes.
+
+    A frame's declared content size makes zstandard ignore ``max_output_size``,
+    so a forged size is checked first: stored data is hostile input."""
+    try:
+        declared = zstandard.frame_content_size(raw)
+        if declared > limit:
+            raise CorruptDataError(f"{what} claims {declared} bytes, more than the {limit} allowed")
+        out: bytes = zstandard.ZstdDecompressor().decompress(raw, max_output_size=limit)
+    except zstandard.ZstdError as exc:
+        raise CorruptDataError(f"{what} cannot be decompressed: {exc}") from None
+    if len(out) > limit:
+        raise CorruptDataError(f"{what} inflates beyond {limit} bytes")
+    return out
+
+
+def _load_json(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise CorruptDataError(f"{what} is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise CorruptDataError(f"{what} is malformed")
+    return doc
+
+
+def _nat(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < (1 << 48)
+
+
+def _int(doc: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    value = doc.get(key)
+    if not isinstance(value, int) or not lo <= value <= hi:
+        raise RepositoryError(f"repository config: bad chunker value {key}={value!r}")
+    return value

@@ -1,0 +1,271 @@
+"""A repository on a Storage backend: config, packs, indexes and snapshots.
+
+Write order is the crash-safety rule: packs first, then the index naming
+them, then the snapshot manifest (the commit point).  Readers trust only
+blobs reachable from a committed manifest, and check every blob's hash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime
+
+from volmove.core.errors import ConflictError, CorruptDataError, NotFoundError, RepositoryError
+from volmove.core.format import (
+    BLOB_META,
+    CONFIG_KEY,
+    BlobRef,
+    ChunkerParams,
+    RepoConfig,
+    blob_id,
+    bounded_decompress,
+    decode_index,
+    decode_pack_header,
+    encode_index,
+    encode_pack_header,
+    id_from_key,
+    index_key,
+    pack_key,
+    snapshot_key,
+)
+from volmove.core.snapshot import Snapshot
+from volmove.core.storage.base import Storage
+
+PACK_TARGET = 8 << 20
+PACK_UPLOADS_IN_FLIGHT = 2
+BlobRow = tuple[str, str, int, int, int]  # id, type, offset, length, raw length
+
+
+def init_repository(storage: Storage, params: ChunkerParams | None = None) -> RepoConfig:
+    config = RepoConfig(
+        id=secrets.token_hex(16),
+        created=datetime.now(UTC).isoformat(),
+        chunker=params or ChunkerParams(),
+    )
+    try:
+        storage.put(CONFIG_KEY, config.to_json())
+    except ConflictError:
+        raise ConflictError(f"repository {storage.url} is already initialized") from None
+    return config
+
+
+class Repository:
+    def __init__(self, storage: Storage, config: RepoConfig) -> None:
+        self.storage = storage
+        self.config = config
+        self.index: dict[str, BlobRef] = {}
+        self._index_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, storage: Storage) -> Repository:
+        try:
+            raw = storage.get(CONFIG_KEY)
+        except NotFoundError:
+            raise RepositoryError(f"no volmove repository at {storage.url} (run 'volmove init')") from None
+        return cls(storage, RepoConfig.from_json(raw))
+
+    # -- index -------------------------------------------------------------
+
+    def load_index(self) -> None:
+        keys = [info.key for info in self.storage.list("index/")]
+        with ThreadPoolExecutor(8) as pool:
+            for rows in pool.map(self._read_index, keys):
+                self._add_rows(rows)
+
+    def _read_index(self, key: str) -> list[tuple[str, BlobRef]]:
+        return decode_index(id_from_key(key), self.storage.get(key))
+
+    def _add_rows(self, rows: Iterable[tuple[str, BlobRef]]) -> None:
+        with self._index_lock:
+            for bid, ref in rows:
+                self.index.setdefault(bid, ref)
+
+    def has_blob(self, bid: str) -> bool:
+        return bid in self.index
+
+    def write_index(self, packs: dict[str, list[BlobRow]]) -> str | None:
+        if not packs:
+            return None
+        raw = encode_index(packs)
+        index_id = blob_id(raw)
+        self._put_once(index_key(index_id), raw)
+        return index_id
+
+    def _put_once(self, key: str, raw: bytes) -> None:
+        # Content-addressed: an existing object already holds the same bytes.
+        with contextlib.suppress(ConflictError):
+            self.storage.put(key, raw)
+
+    def adopt_orphan_packs(self) -> int:
+        """Index packs that an interrupted backup wrote but never indexed, so
+        their blobs are reused instead of uploaded again."""
+        indexed = {ref.pack for ref in self.index.values()}
+        orphans = [info for info in self.storage.list("data/") if id_from_key(info.key) not in indexed]
+        adopted: dict[str, list[BlobRow]] = {}
+        for info in orphans:
+            rows = self._read_pack_header(id_from_key(info.key), info.size)
+            if rows is not None:
+                adopted[id_from_key(info.key)] = [(b, r.type, r.offset, r.length, r.raw_length) for b, r in rows]
+                self._add_rows(rows)
+        self.write_index(adopted)
+        return len(adopted)
+
+    def _read_pack_header(self, pack_id: str, size: int) -> list[tuple[str, BlobRef]] | None:
+        try:
+            tail = self.storage.get_range(pack_key(pack_id), max(0, size - (256 << 10)), min(size, 256 << 10))
+            return decode_pack_header(pack_id, tail, size)
+        except CorruptDataError:
+            return None  # a torn or foreign object: prune will deal with it
+
+    # -- blobs ---------------------------------------------------------------
+
+    def read_blob(self, bid: str, pack_bytes: bytes | None = None) -> bytes:
+        """Fetch, decompress and check one blob; ``pack_bytes`` is the whole
+        pack when the caller already downloaded it."""
+        ref = self.index.get(bid)
+        if ref is None:
+            raise CorruptDataError(f"blob {bid} is not in any index (missing data)")
+        if pack_bytes is not None:
+            raw: bytes | memoryview = memoryview(pack_bytes)[ref.offset : ref.offset + ref.length]
+            if len(raw) != ref.length:
+                raise CorruptDataError(f"pack {ref.pack} is truncated")
+        else:
+            try:
+                raw = self.storage.get_range(pack_key(ref.pack), ref.offset, ref.length)
+            except NotFoundError:
+                raise CorruptDataError(f"pack {ref.pack} holding blob {bid} is missing") from None
+        return check_blob(bid, ref, raw)
+
+    def read_pack(self, pack_id: str) -> bytes:
+        try:
+            return self.storage.get(pack_key(pack_id))
+        except NotFoundError:
+            raise CorruptDataError(f"pack {pack_id} is missing") from None
+
+    # -- snapshots -------------------------------------------------------------
+
+    def save_snapshot(self, snapshot: Snapshot) -> str:
+        raw = snapshot.to_json()
+        sid = blob_id(raw)
+        self._put_once(snapshot_key(sid), raw)
+        return sid
+
+    def snapshot_ids(self) -> list[str]:
+        return [id_from_key(info.key) for info in self.storage.list("snapshots/")]
+
+    def load_snapshot(self, sid: str) -> Snapshot:
+        try:
+            raw = self.storage.get(snapshot_key(sid))
+        except NotFoundError:
+            raise NotFoundError(f"snapshot {sid} not found") from None
+        return Snapshot.from_json(sid, raw)
+
+    def list_snapshots(self, volume: str | None = None) -> list[Snapshot]:
+        ids = self.snapshot_ids()
+        with ThreadPoolExecutor(8) as pool:
+            snaps = list(pool.map(self.load_snapshot, ids))
+        if volume is not None:
+            snaps = [s for s in snaps if s.volume.name == volume]
+        return sorted(snaps, key=lambda s: (s.time, s.id))
+
+    def find_snapshot(self, ref: str, volume: str | None = None) -> Snapshot:
+        """``latest`` (of ``volume``), a full id or a unique id prefix."""
+        if ref == "latest":
+            snaps = self.list_snapshots(volume)
+            if not snaps:
+                raise NotFoundError(f"no snapshot of volume {volume!r} in {self.storage.url}")
+            return snaps[-1]
+        matches = [sid for sid in self.snapshot_ids() if sid.startswith(ref)] if len(ref) >= 4 else []
+        if len(matches) != 1:
+            what = "is ambiguous" if matches else "not found"
+            raise NotFoundError(f"snapshot {ref!r} {what}")
+        snap = self.load_snapshot(matches[0])
+        if volume is not None and snap.volume.name != volume:
+            raise NotFoundError(f"snapshot {ref!r} is of volume {snap.volume.name!r}, not {volume!r}")
+        return snap
+
+    def read_catalog(self, snapshot: Snapshot) -> Iterator[bytes]:
+        """The catalog's lines, streamed blob by blob."""
+        pending = b""
+        for bid in snapshot.catalog:
+            ref = self.index.get(bid)
+            if ref is None or ref.type != BLOB_META:
+                raise CorruptDataError(f"catalog blob {bid} of snapshot {snapshot.id[:8]} is missing")
+            lines = (pending + self.read_blob(bid)).split(b"\n")
+            pending = lines.pop()
+            yield from lines
+        if pending:
+            raise CorruptDataError(f"catalog of snapshot {snapshot.id[:8]} is truncated")
+
+
+def check_blob(bid: str, ref: BlobRef, raw: bytes | memoryview) -> bytes:
+    data = bounded_decompress(raw, ref.raw_length, f"blob {bid} in pack {ref.pack}")
+    if len(data) != ref.raw_length or blob_id(data) != bid:
+        raise CorruptDataError(f"blob {bid} in pack {ref.pack} does not match its hash")
+    return data
+
+
+class PackWriter:
+    """Groups compressed blobs into packs and uploads them in the background."""
+
+    def __init__(self, repo: Repository, target: int = PACK_TARGET) -> None:
+        self.repo = repo
+        self.target = target
+        self.buf = bytearray()
+        self.rows: list[BlobRow] = []
+        self.written: dict[str, list[BlobRow]] = {}
+        self.stored_bytes = 0
+        self._pending: set[str] = set()
+        self._uploads: list[Future[None]] = []
+        self._pool = ThreadPoolExecutor(PACK_UPLOADS_IN_FLIGHT, thread_name_prefix="pack-upload")
+
+    def add(self, bid: str, btype: str, compressed: bytes, raw_length: int) -> bool:
+        """Queue a blob unless the repository or this run already has it."""
+        if bid in self._pending or self.repo.has_blob(bid):
+            return False
+        self._pending.add(bid)
+        self.rows.append((bid, btype, len(self.buf), len(compressed), raw_length))
+        self.buf += compressed
+        self.stored_bytes += len(compressed)
+        if len(self.buf) >= self.target:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        self.buf += encode_pack_header(self.rows)
+        data, rows = bytes(self.buf), self.rows
+        self.buf, self.rows = bytearray(), []
+        pack_id = blob_id(data)
+        self.written[pack_id] = rows
+        self._wait(PACK_UPLOADS_IN_FLIGHT - 1)  # bounds memory: at most this many packs buffered
+        self._uploads.append(self._pool.submit(self._upload, pack_id, data))
+
+    def _upload(self, pack_id: str, data: bytes) -> None:
+        self.repo._put_once(pack_key(pack_id), data)
+
+    def _wait(self, max_pending: int) -> None:
+        while len(self._uploads) > max_pending:
+            self._uploads.pop(0).result()
+
+    def finish(self) -> dict[str, list[BlobRow]]:
+        """Flush, wait for every upload, and make the new blobs visible to this process."""
+        self.flush()
+        self._wait(0)
+        self._pool.shutdown()
+        for pack_id, rows in self.written.items():
+            self.repo._add_rows((b, BlobRef(pack_id, o, ln, r, t)) for b, t, o, ln, r in rows)
+        return self.written
+
+    def abort(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def default_host() -> str:
+    return os.environ.get("VOLMOVE_HOST") or os.uname().nodename
