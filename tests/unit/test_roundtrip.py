@@ -90,3 +90,25 @@ def test_identical_content_deduplicates_across_paths(tmp_path: Path) -> None:
     snap = backup_dir(repo, src)
     assert snap.stats.new_bytes == len(blob)
     assert snap.stats.bytes == 2 * len(blob)
+
+
+def test_compare_tree_finds_differences(tmp_path: Path) -> None:
+    from volmove.core.verify import compare_tree, verify
+
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    repo = new_repo(MemoryStorage())
+    snap = backup_dir(repo, src)
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert compare_tree(repo, snap, fd).ok
+        (src / "dir/file.txt").write_text("changed\n")
+        os.chmod(src / "empty", 0o600)
+        report = compare_tree(repo, snap, fd)
+    finally:
+        os.close(fd)
+    joined = "\n".join(report.differences)
+    assert "dir/file.txt: " in joined and "content_hash differs" in joined
+    assert "empty: mode differs" in joined
+    assert verify(repo, [snap], read_data=True).ok

@@ -1,0 +1,30 @@
+"""The volmove command line: one command per module, each a thin layer over volmove.core."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import typer
+from volmove.cli.cmd_backup import backup
+from volmove.cli.cmd_init import init
+from volmove.cli.cmd_restore import restore
+from volmove.cli.cmd_snapshots import snapshots
+from volmove.cli.cmd_verify import verify_cmd
+from volmove.cli.cmd_volumes import volumes
+
+app = typer.Typer(
+    name="volmove", help="Back up, migrate and recover Docker volumes.", no_args_is_help=True,
+    pretty_exceptions_enable=False, add_completion=False,
+)
+app.command()(init)
+app.command()(backup)
+app.command()(restore)
+app.command()(snapshots)
+app.command("verify")(verify_cmd)
+app.command()(volumes)
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("VOLMOVE_LOG", "WARNING"), format="volmove: %(levelname)s: %(message)s")
+    app()

@@ -1,0 +1,234 @@
+"""Volume operations: the data path joined to a Docker engine.
+
+These are what the CLI runs on the local host and what a worker runs for the
+control service.  Each takes an open DockerClient and Repository, reports
+progress through a callback, and can be cancelled (asyncio cancellation is
+passed to the data-path thread as an Event; cleanup always runs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from volmove.core.backup import BackupEngine, load_catalog_map
+from volmove.core.docker import ContainerRef, DockerClient, HelperContainer, MountSpec, VolumeInfo
+from volmove.core.errors import ConflictError, NotFoundError, UsageError
+from volmove.core.fswalk import DIR_FLAGS, tree_size
+from volmove.core.progress import ProgressFn, no_progress
+from volmove.core.repository import Repository
+from volmove.core.restore import Restorer, RestoreResult
+from volmove.core.snapshot import Snapshot, VolumeSpec
+
+T = TypeVar("T")
+STOP_LABEL = "volmove.stop-during-backup"
+
+
+def state_dir() -> Path:
+    """Where journals of stopped containers live (survives a crash of this process)."""
+    default = "/var/lib/volmove" if os.geteuid() == 0 else str(Path.home() / ".local/state/volmove")
+    path = Path(os.environ.get("VOLMOVE_STATE_DIR", default))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+async def run_cancellable(fn: Callable[[threading.Event], T]) -> T:
+    """Run blocking data-path work in a thread; cancelling the task asks it to stop
+    and waits for it, so no thread outlives the operation that started it."""
+    cancel = threading.Event()
+    task = asyncio.ensure_future(asyncio.to_thread(fn, cancel))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        cancel.set()
+        await asyncio.wait([task])
+        raise
+
+
+@asynccontextmanager
+async def opened_root(helper: HelperContainer) -> AsyncIterator[int]:
+    if helper.root is None:
+        raise UsageError("this Docker engine is not on this machine: run volmove (or its worker) on the engine's host")
+    fd = await asyncio.to_thread(os.open, helper.root, DIR_FLAGS)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- backup
+
+
+@dataclass(frozen=True)
+class BackupRequest:
+    volume: str  # a volume name, or a host path for a bind mount
+    tags: tuple[str, ...] = ()
+    stop: bool = False
+    host: str = ""  # the name recorded in the snapshot; default: the engine's
+
+
+async def describe_source(docker: DockerClient, name: str) -> tuple[VolumeSpec, MountSpec]:
+    if name.startswith("/"):
+        return VolumeSpec(name=name, driver="", kind="bind", source=name), MountSpec.bind(name)
+    vol = await docker.inspect_volume(name)
+    return VolumeSpec(name=vol.name, driver=vol.driver, options=vol.options, labels=vol.labels), MountSpec.volume(name)
+
+
+async def containers_to_stop(docker: DockerClient, spec: VolumeSpec, stop: bool) -> list[ContainerRef]:
+    """--stop or the label on the volume stops every user; the label on a container stops that one."""
+    if spec.kind != "volume":
+        return []
+    users = await docker.containers_using(spec.name)
+    if stop or spec.labels.get(STOP_LABEL) == "true":
+        return users
+    return [c for c in users if c.labels.get(STOP_LABEL) == "true"]
+
+
+async def backup_volume(docker: DockerClient, repo: Repository, req: BackupRequest,
+                        progress: ProgressFn = no_progress) -> Snapshot:
+    spec, mount = await describe_source(docker, req.volume)
+    host = req.host or docker.host
+    parent = await asyncio.to_thread(_latest, repo, spec.name, host)
+    parent_map = await asyncio.to_thread(load_catalog_map, repo, parent) if parent else None
+    to_stop = await containers_to_stop(docker, spec, req.stop)
+    journal = state_dir() / f"stopped-{os.getpid()}-{spec.name.replace('/', '_')}.json"
+    started = datetime.now(UTC)
+    async with docker.stopped(to_stop, journal), docker.helper(mount, read_only=True) as helper, \
+            opened_root(helper) as fd:
+        totals = await asyncio.to_thread(tree_size, fd)
+        result = await run_cancellable(
+            lambda cancel: BackupEngine(repo, parent=parent_map, progress=progress, cancel=cancel).run(fd, totals))
+    snap = Snapshot(time=started, host=host, volume=spec, catalog=tuple(result.catalog), entries=result.entries,
+                    stats=result.stats, tags=req.tags, parent=parent.id if parent else None)
+    sid = await asyncio.to_thread(repo.save_snapshot, snap)  # the commit point
+    return await asyncio.to_thread(repo.load_snapshot, sid)
+
+
+def _has_entries(fd: int) -> bool:
+    return bool(os.listdir(fd))
+
+
+def _latest(repo: Repository, volume: str, host: str) -> Snapshot | None:
+    snaps = [s for s in repo.list_snapshots(volume) if s.host == host]
+    return snaps[-1] if snaps else None
+
+
+async def container_volumes(docker: DockerClient, container: str) -> list[str]:
+    """The volumes and bind mounts of a container (the data-container pattern)."""
+    mounts = await docker.container_mounts(container)
+    names = [m.source for m in mounts if m.type in ("volume", "bind") and m.source]
+    if not names:
+        raise NotFoundError(f"container {container} has no volumes")
+    return names
+
+
+# ---------------------------------------------------------------- restore
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    volume: str  # the volume whose snapshot to restore
+    snapshot: str = "latest"
+    as_name: str | None = None
+    force: bool = False
+    allow_devices: bool = False
+
+
+@dataclass
+class RestoreOutcome:
+    snapshot: Snapshot
+    volume: str
+    created: bool
+    result: RestoreResult = field(default_factory=RestoreResult)
+
+
+async def restore_volume(docker: DockerClient, repo: Repository, req: RestoreRequest,
+                         progress: ProgressFn = no_progress) -> RestoreOutcome:
+    snap = await asyncio.to_thread(repo.find_snapshot, req.snapshot, req.volume)
+    target = req.as_name or snap.volume.name
+    if target.startswith("/") or (snap.volume.kind != "volume" and not req.as_name):
+        raise UsageError("a bind-mount snapshot is restored into a volume: give --as NAME")
+    created = not await docker.volume_exists(target)
+    if created:
+        await _create_like(docker, target, snap.volume)
+    try:
+        result = await _restore_into(docker, repo, snap, target, req, progress)
+    except BaseException:
+        if created:  # never leave a half-restored volume that looks complete
+            await asyncio.shield(docker.remove_volume(target, force=True))
+        raise
+    return RestoreOutcome(snap, target, created, result)
+
+
+async def _create_like(docker: DockerClient, name: str, spec: VolumeSpec) -> VolumeInfo:
+    driver = spec.driver if spec.kind == "volume" and spec.driver else "local"
+    return await docker.create_volume(name, driver, spec.options, spec.labels)
+
+
+async def _restore_into(docker: DockerClient, repo: Repository, snap: Snapshot, target: str,
+                        req: RestoreRequest, progress: ProgressFn) -> RestoreResult:
+    async with docker.helper(MountSpec.volume(target), read_only=False) as helper, opened_root(helper) as fd:
+        if not req.force and await asyncio.to_thread(_has_entries, fd):
+            raise ConflictError(f"volume {target} is not empty on {docker.host}; use --force to restore over it")
+        return await run_cancellable(
+            lambda cancel: Restorer(repo, fd, allow_devices=req.allow_devices, progress=progress,
+                                    cancel=cancel).run(snap))
+
+
+# ---------------------------------------------------------------- inventory
+
+
+@dataclass(frozen=True)
+class VolumeRow:
+    name: str
+    driver: str
+    size: int
+    containers: tuple[str, ...]
+    running: tuple[str, ...]
+    dangling: bool
+    labels: dict[str, str]
+    last_backup: str | None
+    age_seconds: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+
+
+async def list_volume_rows(docker: DockerClient, repo: Repository | None, now: datetime) -> list[VolumeRow]:
+    volumes = await docker.list_volumes()
+    sizes = await docker.volume_sizes()
+    latest = await asyncio.to_thread(_latest_by_volume, repo) if repo else {}
+    rows = []
+    for vol in sorted(volumes, key=lambda v: v.name):
+        users = await docker.containers_using(vol.name)
+        snap = latest.get(vol.name)
+        rows.append(VolumeRow(
+            name=vol.name, driver=vol.driver, size=sizes.get(vol.name, -1),
+            containers=tuple(u.name for u in users), running=tuple(u.name for u in users if u.running),
+            dangling=not users, labels=vol.labels, last_backup=snap.id if snap else None,
+            age_seconds=(now - snap.time).total_seconds() if snap else None,
+        ))
+    return rows
+
+
+def _latest_by_volume(repo: Repository) -> dict[str, Snapshot]:
+    out: dict[str, Snapshot] = {}
+    for snap in repo.list_snapshots():
+        out[snap.volume.name] = snap  # sorted by time: the last one wins
+    return out
+
+
+async def prepare_host(docker: DockerClient, repo: Repository) -> None:
+    """Finish what a crashed run left: restart containers it stopped, remove its
+    helpers, and reuse the packs it uploaded but never indexed."""
+    await docker.recover_journals(state_dir())
+    await docker.cleanup_helpers()
+    await asyncio.to_thread(repo.storage.cleanup_incomplete, 3600.0)
+    await asyncio.to_thread(repo.adopt_orphan_packs)
