@@ -7,6 +7,7 @@ import os
 
 import typer
 from volmove.cli.cmd_backup import backup
+from volmove.cli.cmd_compare import compare
 from volmove.cli.cmd_init import init
 from volmove.cli.cmd_restore import restore
 from volmove.cli.cmd_snapshots import snapshots
@@ -23,6 +24,7 @@ app.command()(restore)
 app.command()(snapshots)
 app.command("verify")(verify_cmd)
 app.command()(volumes)
+app.command()(compare)
 
 
 def main() -> None:

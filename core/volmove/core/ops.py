@@ -26,6 +26,7 @@ from volmove.core.progress import ProgressFn, no_progress
 from volmove.core.repository import Repository
 from volmove.core.restore import Restorer, RestoreResult
 from volmove.core.snapshot import Snapshot, VolumeSpec
+from volmove.core.verify import CompareReport, compare_tree
 
 T = TypeVar("T")
 STOP_LABEL = "volmove.stop-during-backup"
@@ -232,3 +233,13 @@ async def prepare_host(docker: DockerClient, repo: Repository) -> None:
     await docker.cleanup_helpers()
     await asyncio.to_thread(repo.storage.cleanup_incomplete, 3600.0)
     await asyncio.to_thread(repo.adopt_orphan_packs)
+
+
+async def compare_volume(docker: DockerClient, repo: Repository, volume: str, snapshot: str = "latest",
+                         of_volume: str | None = None) -> tuple[Snapshot, CompareReport]:
+    """Compare a volume's current contents with a snapshot (of ``of_volume``, default the same name)."""
+    snap = await asyncio.to_thread(repo.find_snapshot, snapshot, of_volume or volume)
+    _spec, mount = await describe_source(docker, volume)
+    async with docker.helper(mount, read_only=True) as helper, opened_root(helper) as fd:
+        report = await run_cancellable(lambda _cancel: compare_tree(repo, snap, fd))
+    return snap, report
