@@ -41,6 +41,11 @@ async def acli(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(cli, *args, **kw)
 
 
+def spawn(argv: list[str], env: dict[str, str], stderr: int) -> subprocess.Popen[str]:
+    """Start a CLI run to interrupt (starting a process does not block the loop)."""
+    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+
+
 def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -210,7 +215,7 @@ async def test_kill_9_mid_backup_leaves_no_partial_snapshot(docker_client: Docke
     vol = await make_volume()
     await fill(docker_client, vol, _big_volume_writer)
     env = {**os.environ, "VOLMOVE_REPO": str(repo)}
-    proc = subprocess.Popen([VOLMOVE, "backup", vol], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = spawn([VOLMOVE, "backup", vol], env, stderr=subprocess.DEVNULL)
     await asyncio.to_thread(_wait_for, lambda: any((repo / "data").rglob("*")) and
                             len([p for p in (repo / "data").rglob("*") if p.is_file()]) >= 3)
     proc.kill()
@@ -231,8 +236,7 @@ async def test_ctrl_c_mid_backup_restarts_containers(docker_client: DockerClient
     await fill(docker_client, vol, _big_volume_writer)
     ctr = await make_container([vol])
     env = {**os.environ, "VOLMOVE_REPO": str(repo)}
-    proc = subprocess.Popen([VOLMOVE, "backup", vol, "--stop"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = spawn([VOLMOVE, "backup", vol, "--stop"], env, stderr=subprocess.PIPE)
 
     async def is_stopped() -> bool:
         return not (await docker_client.inspect_container(ctr.id))["State"]["Running"]
