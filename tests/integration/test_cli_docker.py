@@ -267,3 +267,16 @@ async def test_s3_round_trip_and_errors(docker_client: DockerClient, make_volume
     assert one_line_error(await acli("snapshots", repo=s3_url, env=bad, check=6))
     missing = s3_url.replace("s3://", "s3://no-such-bucket-", 1)
     assert "does not exist" in one_line_error(await acli("snapshots", repo=missing, check=8))
+
+
+async def test_backup_of_a_restored_copy_stores_no_new_data(docker_client: DockerClient, make_volume: MakeVolume,
+                                                            repo: Path) -> None:
+    src = await make_volume()
+    await fill(docker_client, src, lambda root: [(root / f"f{i}").write_bytes(os.urandom(300_000)) for i in range(10)])
+    first = json.loads((await acli("backup", src, "--json", repo=repo)).stdout)[0]["stats"]
+    target = await make_volume()
+    await acli("restore", src, "--as", target, "--force", repo=repo)
+    again = json.loads((await acli("backup", target, "--json", repo=repo)).stdout)[0]["stats"]
+    assert again["skipped_files"] == 0  # a different volume: every file was read...
+    assert again["new_bytes"] == 0  # ...and every chunk was already stored
+    assert again["stored_bytes"] < first["stored_bytes"] / 100
