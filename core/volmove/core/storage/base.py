@@ -25,6 +25,8 @@ class Storage(Protocol):
     """What the repository asks of a backend.  Errors are volmove errors."""
 
     url: str
+    # True where a request is expensive (S3): readers then fetch whole packs.
+    prefers_whole_objects: bool
 
     def put(self, key: str, data: bytes, *, overwrite: bool = False) -> None:
         """Store ``data`` atomically: readers see the whole object or nothing."""

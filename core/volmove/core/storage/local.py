@@ -36,6 +36,8 @@ def _storage_error(exc: OSError, what: str) -> StorageError:
 
 
 class LocalStorage:
+    prefers_whole_objects = False
+
     def __init__(self, root: str | Path, *, create: bool = False) -> None:
         self.root = Path(root).absolute()
         self.url = f"file://{self.root}"

@@ -11,6 +11,8 @@ from volmove.core.storage.base import ObjectInfo
 
 
 class MemoryStorage:
+    prefers_whole_objects = False
+
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
         self._objects: dict[str, tuple[bytes, float]] = {}

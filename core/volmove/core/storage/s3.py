@@ -86,6 +86,9 @@ def _error_code(exc: ClientError) -> tuple[str, int]:
 
 
 class S3Storage:
+    # Each request costs a round trip: readers should fetch whole packs, not one blob at a time.
+    prefers_whole_objects = True
+
     def __init__(
         self, bucket: str, prefix: str = "", *, create: bool = False, endpoint_url: str | None = None
     ) -> None:
