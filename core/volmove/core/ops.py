@@ -10,22 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tarfile
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from volmove.core.backup import BackupEngine, load_catalog_map
-from volmove.core.docker import ContainerRef, DockerClient, HelperContainer, MountSpec, VolumeInfo
+from volmove.core.docker import DATA_PATH, ContainerRef, DockerClient, HelperContainer, MountSpec, VolumeInfo
 from volmove.core.errors import ConflictError, NotFoundError, UsageError
 from volmove.core.fswalk import DIR_FLAGS, tree_size
 from volmove.core.progress import ProgressFn, no_progress
 from volmove.core.repository import Repository
 from volmove.core.restore import Restorer, RestoreResult
 from volmove.core.snapshot import Snapshot, VolumeSpec
+from volmove.core.tarstream import snapshot_tar
 from volmove.core.verify import CompareReport, compare_tree
 
 T = TypeVar("T")
@@ -175,12 +177,78 @@ async def _create_like(docker: DockerClient, name: str, spec: VolumeSpec) -> Vol
 
 async def _restore_into(docker: DockerClient, repo: Repository, snap: Snapshot, target: str,
                         req: RestoreRequest, progress: ProgressFn) -> RestoreResult:
-    async with docker.helper(MountSpec.volume(target), read_only=False) as helper, opened_root(helper) as fd:
-        if not req.force and await asyncio.to_thread(_has_entries, fd):
-            raise ConflictError(f"volume {target} is not empty on {docker.host}; use --force to restore over it")
-        return await run_cancellable(
-            lambda cancel: Restorer(repo, fd, allow_devices=req.allow_devices, progress=progress,
-                                    cancel=cancel).run(snap))
+    async with docker.helper(MountSpec.volume(target), read_only=False) as helper:
+        if helper.root is None:
+            return await _restore_remote(docker, repo, snap, target, helper, req)
+        async with opened_root(helper) as fd:
+            if not req.force and await asyncio.to_thread(_has_entries, fd):
+                raise _not_empty(target, docker)
+            return await run_cancellable(
+                lambda cancel: Restorer(repo, fd, allow_devices=req.allow_devices, progress=progress,
+                                        cancel=cancel).run(snap))
+
+
+def _not_empty(target: str, docker: DockerClient) -> ConflictError:
+    return ConflictError(f"volume {target} is not empty on {docker.host}; use --force to restore over it")
+
+
+async def _restore_remote(docker: DockerClient, repo: Repository, snap: Snapshot, target: str,
+                          helper: HelperContainer, req: RestoreRequest) -> RestoreResult:
+    """A remote engine: stream the snapshot as a tar into the helper's mount."""
+    if not req.force and await _remote_has_entries(docker, helper):
+        raise _not_empty(target, docker)
+    stream = coalesce(snapshot_tar(repo, snap, allow_devices=req.allow_devices))
+    await docker.put_archive_stream(helper.id, DATA_PATH, iterate_in_thread(stream))
+    return RestoreResult(files=snap.stats.files, dirs=snap.stats.dirs, other=snap.stats.other, bytes=snap.stats.bytes)
+
+
+async def _remote_has_entries(docker: DockerClient, helper: HelperContainer) -> bool:
+    """Read the archive of /data only as far as its second member."""
+    stream = cast(AsyncGenerator[bytes, None], docker.get_archive_stream(helper.id, DATA_PATH + "/."))
+    head = b""
+    async for chunk in stream:
+        head += chunk
+        if len(head) >= 4 * tarfile.BLOCKSIZE:
+            break
+    await stream.aclose()
+    names = _tar_names(head)
+    return any(n.strip("./") for n in names)
+
+
+def _tar_names(head: bytes) -> list[str]:
+    names = []
+    for off in range(0, len(head) - tarfile.BLOCKSIZE + 1, tarfile.BLOCKSIZE):
+        try:
+            info = tarfile.TarInfo.frombuf(head[off : off + tarfile.BLOCKSIZE], "utf-8", "surrogateescape")
+        except tarfile.HeaderError:
+            continue
+        names.append(info.name)
+    return names
+
+
+def coalesce(chunks: Iterator[bytes], size: int = 1 << 20) -> Iterator[bytes]:
+    """Join small pieces (tar headers) so each thread hop carries a useful amount."""
+    buf: list[bytes] = []
+    held = 0
+    for chunk in chunks:
+        buf.append(chunk)
+        held += len(chunk)
+        if held >= size:
+            yield b"".join(buf)
+            buf, held = [], 0
+    if buf:
+        yield b"".join(buf)
+
+
+async def iterate_in_thread(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """Drive a blocking generator from the event loop, one item per thread hop."""
+    done = object()
+    while True:
+        item = await asyncio.to_thread(next, chunks, done)
+        if item is done:
+            return
+        assert isinstance(item, bytes)
+        yield item
 
 
 # ---------------------------------------------------------------- inventory
