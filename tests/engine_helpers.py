@@ -10,7 +10,7 @@ from pathlib import Path
 
 from volmove.core.backup import BackupEngine, load_catalog_map
 from volmove.core.repository import Repository, init_repository
-from volmove.core.restore import RestoreResult, Restorer
+from volmove.core.restore import Restorer, RestoreResult
 from volmove.core.snapshot import Snapshot, VolumeSpec
 from volmove.core.storage.base import Storage
 
@@ -65,7 +65,8 @@ def _state(path: bytes) -> tuple[object, ...]:
     elif stat.S_ISLNK(st.st_mode):
         content = os.readlink(path)
     try:
-        xattrs = sorted((n, os.getxattr(path, n, follow_symlinks=False)) for n in os.listxattr(path, follow_symlinks=False))
+        names = os.listxattr(path, follow_symlinks=False)
+        xattrs = sorted((n, os.getxattr(path, n, follow_symlinks=False)) for n in names)
     except OSError:
         xattrs = []
     return (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, content, st.st_nlink,
