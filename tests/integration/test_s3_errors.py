@@ -8,6 +8,9 @@ import uuid
 from typing import Any
 
 import pytest
+
+from tests.conftest import require_or_skip
+from tests.fixtures.s3 import S3Env, empty_and_delete_bucket
 from volmove.core.errors import (
     AuthError,
     NotFoundError,
@@ -17,9 +20,6 @@ from volmove.core.errors import (
     UsageError,
 )
 from volmove.core.storage.s3 import S3Storage
-
-from tests.conftest import require_or_skip
-from tests.fixtures.s3 import S3Env, empty_and_delete_bucket
 
 pytestmark = pytest.mark.s3
 

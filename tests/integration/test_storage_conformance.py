@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+
 from volmove.core.errors import ConflictError, CorruptDataError, NotFoundError
 from volmove.core.storage.base import Storage
 from volmove.core.storage.local import TMP_PREFIX, LocalStorage

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+
 from volmove.core.errors import UsageError
 from volmove.core.policy.cron import CronError, CronSpec, Every, jitter, missed_runs, next_run, parse
 

@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+
 from volmove.core.errors import ConflictError, CorruptDataError
 from volmove.core.policy.lease import (
     Lease,

@@ -6,6 +6,7 @@ import random
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
+
 from volmove.core.policy.retention import (
     Decision,
     Duration,
