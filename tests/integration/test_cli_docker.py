@@ -280,3 +280,16 @@ async def test_backup_of_a_restored_copy_stores_no_new_data(docker_client: Docke
     assert again["skipped_files"] == 0  # a different volume: every file was read...
     assert again["new_bytes"] == 0  # ...and every chunk was already stored
     assert again["stored_bytes"] < first["stored_bytes"] / 100
+
+
+async def test_volumes_lists_users_and_last_backup(docker_client: DockerClient, make_volume: MakeVolume,
+                                                   make_container: MakeContainer, repo: Path) -> None:
+    used, dangling = await make_volume(), await make_volume()
+    ctr = await make_container([used])
+    await fill(docker_client, used, lambda root: (root / "f").write_bytes(b"x" * 5000))
+    await acli("backup", used, repo=repo)
+    rows = {r["name"]: r for r in json.loads((await acli("volumes", "--json", repo=repo)).stdout)}
+    assert rows[used]["containers"] == [ctr.name] and rows[used]["running"] == [ctr.name]
+    assert not rows[used]["dangling"] and rows[dangling]["dangling"]
+    assert rows[used]["last_backup"] is not None and 0 <= rows[used]["age_seconds"] < 600
+    assert rows[dangling]["last_backup"] is None
