@@ -6,6 +6,7 @@ import asyncio
 from typing import Annotated, Any
 
 import typer
+from volmove.cli.cmd_jobs import ServiceOpt, remote_backup
 from volmove.cli.common import (
     DockerOpt,
     JsonOpt,
@@ -30,8 +31,12 @@ def backup(
     container: Annotated[str | None, typer.Option("--container", "-c",
                                                   help="Back up every volume of this container.")] = None,
     repo: RepoOpt = None, docker: DockerOpt = None, json_out: JsonOpt = False,
+    host: Annotated[str | None, typer.Option("--host", help="Run on this fleet host, through the service.")] = None,
+    service: ServiceOpt = None,
 ) -> None:
     """Back up Docker volumes: deduplicated, compressed, committed atomically."""
+    if host or service:  # the fleet: the host's worker runs it
+        return remote_backup(list(volumes or []), tuple(tag or ()), stop, container, host, service, json_out)
 
     async def go() -> list[Snapshot]:
         repository = await asyncio.to_thread(open_repo, repo)

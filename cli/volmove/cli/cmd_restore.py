@@ -6,6 +6,7 @@ import asyncio
 from typing import Annotated
 
 import typer
+from volmove.cli.cmd_jobs import ServiceOpt, remote_restore
 from volmove.cli.common import DockerOpt, JsonOpt, RepoOpt, emit_json, human_bytes, open_repo, progress_bar, run, stdout
 from volmove.core.docker import DockerClient
 from volmove.core.ops import RestoreOutcome, RestoreRequest, prepare_host, restore_volume
@@ -18,8 +19,12 @@ def restore(
     force: Annotated[bool, typer.Option("--force", help="Restore into a volume that is not empty.")] = False,
     allow_devices: Annotated[bool, typer.Option("--allow-devices", help="Recreate device nodes.")] = False,
     repo: RepoOpt = None, docker: DockerOpt = None, json_out: JsonOpt = False,
+    on: Annotated[str | None, typer.Option("--on", help="Run on this fleet host, through the service.")] = None,
+    service: ServiceOpt = None,
 ) -> None:
     """Restore a snapshot into a volume on this Docker host (created when missing)."""
+    if on or service:  # the fleet: the host's worker runs it
+        return remote_restore(volume, snapshot, as_name, force, allow_devices, on, service, json_out)
 
     async def go() -> RestoreOutcome:
         repository = await asyncio.to_thread(open_repo, repo)

@@ -7,8 +7,12 @@ import os
 
 import typer
 from volmove.cli.cmd_backup import backup
+from volmove.cli.cmd_cancel import cancel
 from volmove.cli.cmd_compare import compare
+from volmove.cli.cmd_hosts import hosts
 from volmove.cli.cmd_init import init
+from volmove.cli.cmd_jobs import jobs
+from volmove.cli.cmd_migrate import migrate
 from volmove.cli.cmd_restore import restore
 from volmove.cli.cmd_snapshots import snapshots
 from volmove.cli.cmd_verify import verify_cmd
@@ -25,6 +29,10 @@ app.command()(snapshots)
 app.command("verify")(verify_cmd)
 app.command()(volumes)
 app.command()(compare)
+app.command()(hosts)
+app.command()(jobs)
+app.command()(cancel)
+app.command()(migrate)
 
 
 def main() -> None:

@@ -64,7 +64,8 @@ class ServiceClient:
             raise E.UsageError("ServiceClient is not open (use `async with`)")
         return self._session
 
-    async def _call(self, method: str, path: str, body: JSON | None = None, **params: str) -> Any:
+    async def _call(self, method: str, path: str, body: JSON | None = None,
+                    params: dict[str, str] | None = None) -> Any:
         try:
             async with self.session.request(method, self.url + path, json=body, params=params or None,
                                             timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
@@ -86,7 +87,7 @@ class ServiceClient:
 
     async def jobs(self, *, everything: bool = False, children: bool = False) -> list[JSON]:
         params = {k: "1" for k, v in (("all", everything), ("children", children)) if v}
-        return list((await self._call("GET", "/v1/jobs", **params))["jobs"])
+        return list((await self._call("GET", "/v1/jobs", params=params))["jobs"])
 
     async def job(self, job_id: str) -> JSON:
         return dict(await self._call("GET", f"/v1/jobs/{job_id}"))
