@@ -29,10 +29,11 @@ class Sample:
     repo_growth: int | None = None  # how much the local repository (or archive) grew, measured on disk
     engine_seconds: float | None = None  # the tool's own account of the work, start-up excluded
     skipped_files: int | None = None
+    load: float = 0.0  # the 1-minute load average when the step ended: how busy the machine was
 
     @classmethod
     def of(cls, t: Timed, **extra: Any) -> Sample:
-        return cls(t.seconds, t.cpu_seconds, t.peak_rss, **extra)
+        return cls(t.seconds, t.cpu_seconds, t.peak_rss, load=os.getloadavg()[0], **extra)
 
 
 @dataclass(frozen=True)
