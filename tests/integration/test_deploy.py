@@ -618,3 +618,89 @@ def test_container_healthcheck_sees_the_broker_connection(broker: Broker) -> Non
         assert run(check, env={**os.environ, "VOLMOVE_BROKER": url}).returncode == 0
     assert run([*check, f"mqtts://127.0.0.1:{_free_port()}"]).returncode == 1
     assert run([*check, "http://example.net"]).returncode == 2
+
+
+# ------------------------------------------------------------------ the real programs
+
+
+@dataclass
+class Program:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=TIMEOUT)
+
+
+def _spawn(name: str, argv: list[str], env: dict[str, str], workdir: Path) -> Program:
+    log = workdir / f"{name}.log"
+    with log.open("wb") as out:  # the child keeps its own descriptor
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return Program(name, proc, log)
+
+
+def _wait_for_host(cli: list[str], env: dict[str, str], host: str, programs: list[Program]) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while True:
+        out = run([*cli, "hosts", "--json"], env=env)
+        if out.returncode == 0:
+            hosts = {h["name"]: h for h in json.loads(out.stdout)}
+            if hosts.get(host, {}).get("state") == "online":
+                return dict(hosts[host])
+        dead = [p for p in programs if p.proc.poll() is not None]
+        if dead or time.monotonic() > deadline:
+            logs = "\n".join(f"--- {p.name}\n{p.log.read_text()[-3000:]}" for p in programs)
+            raise AssertionError(f"{host} never showed online: {out.stdout} {out.stderr}\n{logs}")
+        time.sleep(0.5)
+
+
+@pytest.mark.mqtt
+@pytest.mark.docker
+def test_worker_and_service_run_a_job_through_the_deploy_broker(broker: Broker, docker_url: str,
+                                                               tmp_path: Path) -> None:
+    """The real volmove-worker and volmove-service, with the shipped broker config,
+    ACLs and TLS and their own accounts: the host comes online and a backup job
+    goes service -> cmd/host1 -> worker -> hosts/host1/events -> service."""
+    bin_dir = Path(sys.executable).parent
+    programs = {name: bin_dir / name for name in ("volmove", "volmove-worker", "volmove-service")}
+    if not all(p.is_file() for p in programs.values()):
+        require_or_skip("volmove installed in the test's virtualenv")
+    docker = tool("docker")
+    base = {**os.environ, "VOLMOVE_BROKER": f"mqtts://127.0.0.1:{broker.port}", "VOLMOVE_BROKER_CA": broker.ca,
+            "VOLMOVE_REPO": str(tmp_path / "repo"), "VOLMOVE_MAX_BACKOFF": "1", "DOCKER_HOST": docker_url,
+            "VOLMOVE_LOG": "INFO"}
+    base.pop("VOLMOVE_SERVICE", None)
+    assert run([str(programs["volmove"]), "init"], env=base, timeout=60).returncode == 0
+    volume = f"vmdeploy-{os.urandom(4).hex()}"
+    assert run([docker, "-H", docker_url, "volume", "create", volume]).returncode == 0
+    api_port, token = _free_port(), os.urandom(16).hex()
+    started: list[Program] = []
+    try:
+        started.append(_spawn("worker", [str(programs["volmove-worker"])], {
+            **base, "VOLMOVE_HOST": "host1", "VOLMOVE_BROKER_USER": "host1",
+            "VOLMOVE_BROKER_PASSWORD": broker.passwords["host1"], "VOLMOVE_STATE_DIR": str(tmp_path / "worker")},
+            tmp_path))
+        started.append(_spawn("service", [str(programs["volmove-service"])], {
+            **base, "VOLMOVE_BROKER_USER": "volmove-service",
+            "VOLMOVE_BROKER_PASSWORD": broker.passwords["volmove-service"],
+            "VOLMOVE_SERVICE_LISTEN": f"127.0.0.1:{api_port}", "VOLMOVE_SERVICE_TOKEN": token,
+            "VOLMOVE_SERVICE_DB": str(tmp_path / "service" / "service.db")}, tmp_path))
+        cli_env = {**base, "VOLMOVE_SERVICE": f"http://127.0.0.1:{api_port}", "VOLMOVE_SERVICE_TOKEN": token}
+        cli = [str(programs["volmove"])]
+        _wait_for_host(cli, cli_env, "host1", started)
+        backup = run([*cli, "backup", volume, "--host", "host1", "--json"], env=cli_env, timeout=60)
+        assert backup.returncode == 0, (backup.stdout, backup.stderr)
+        snapshots = run([*cli, "snapshots", volume, "--json"], env=base, timeout=60)
+        assert snapshots.returncode == 0, snapshots.stderr
+        assert volume in snapshots.stdout
+    finally:
+        for program in reversed(started):
+            program.stop()
+        run([docker, "-H", docker_url, "volume", "rm", "-f", volume])
