@@ -9,7 +9,7 @@ DEV=0
 [ "${1:-}" = "--dev" ] && DEV=1
 
 pkgs=(python3 python3-venv python3-pip docker.io busybox-static zstd ca-certificates)
-[ "$DEV" = 1 ] && pkgs+=(mosquitto mosquitto-clients restic attr curl radosgw ceph-mon ceph-osd ceph-common)
+[ "$DEV" = 1 ] && pkgs+=(mosquitto mosquitto-clients restic attr curl docker-compose openssl radosgw ceph-mon ceph-osd ceph-common)
 
 missing=()
 for p in "${pkgs[@]}"; do
