@@ -17,12 +17,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from volmove.core.errors import UnsafeDataError
-from volmove.core.format import is_hex_id
 
 # File types: regular, directory, symlink, hardlink, fifo, char/block device, socket.
 FILE, DIR, SYMLINK, HARDLINK, FIFO, CHARDEV, BLOCKDEV, SOCKET = "f", "d", "l", "h", "p", "c", "b", "s"
@@ -31,6 +31,7 @@ DEVICES = frozenset({CHARDEV, BLOCKDEV})
 ROOT = "."
 MAX_PATH_BYTES = 64 * 1024
 MAX_SIZE = 1 << 60
+_HEX_ID = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(slots=True)
@@ -85,7 +86,7 @@ def parse_entry(line: bytes | str) -> Entry:
     """Decode one line, checking types and ranges (not yet its place in the tree)."""
     try:
         doc = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: a forged line of deeply nested arrays
         raise UnsafeDataError("catalog line is not valid JSON") from None
     if not isinstance(doc, dict):
         raise UnsafeDataError("catalog line is malformed")
@@ -108,7 +109,7 @@ def parse_entry(line: bytes | str) -> Entry:
 def _parse_file(doc: dict[str, Any], entry: Entry) -> None:
     entry.size = _num(doc, "s", MAX_SIZE)
     chunks = doc.get("c")
-    if not isinstance(chunks, list) or not all(is_hex_id(c) for c in chunks):
+    if not isinstance(chunks, list) or not all(isinstance(c, str) and _HEX_ID.fullmatch(c) for c in chunks):
         raise UnsafeDataError(f"catalog entry {entry.path!r} has a malformed chunk list")
     entry.chunks = chunks
     entry.ino = _num(doc, "i", 1 << 64) if "i" in doc else 0
@@ -138,7 +139,7 @@ def _parse_xattrs(raw: object, path: str) -> dict[str, bytes]:
         raise UnsafeDataError(f"catalog entry {path!r} has malformed xattrs")
     out = {}
     for name, value in raw.items():
-        if not isinstance(value, str) or not name or "\0" in name:
+        if not isinstance(value, str) or not name or "\0" in name or not _encodable(name):
             raise UnsafeDataError(f"catalog entry {path!r} has malformed xattrs")
         try:
             out[name] = base64.b64decode(value, validate=True)
@@ -153,9 +154,18 @@ def _is_nat(value: object) -> bool:
 
 def _str(doc: dict[str, Any], key: str) -> str:
     value = doc.get(key)
-    if not isinstance(value, str) or "\0" in value or not value:
+    if not isinstance(value, str) or "\0" in value or not value or not _encodable(value):
         raise UnsafeDataError(f"catalog entry has a malformed field {key!r}")
     return value
+
+
+def _encodable(value: str) -> bool:
+    """Names reach the OS through ``os.fsencode``: only the surrogates it made may appear."""
+    try:
+        value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _num(doc: dict[str, Any], key: str, limit: int) -> int:
@@ -195,7 +205,7 @@ class CatalogValidator:
         self.allow_devices = allow_devices
         self._dirs: set[str] = set()
         self._files: set[str] = set()
-        self._last = ""
+        self._others: set[str] = set()  # symlinks, hardlinks, nodes: only for spotting duplicates
         self._seen_root = False
 
     def check(self, entry: Entry) -> None:
@@ -205,7 +215,7 @@ class CatalogValidator:
             return
         if not self._seen_root:
             raise UnsafeDataError("snapshot catalog does not start with its root directory")
-        if entry.path in self._dirs or entry.path in self._files:
+        if entry.path in self._dirs or entry.path in self._files or entry.path in self._others:
             raise UnsafeDataError(f"snapshot entry {entry.path!r} appears twice")
         if parent_of(entry.path) not in self._dirs:
             raise UnsafeDataError(f"snapshot entry {entry.path!r} is not inside a directory of the snapshot")
@@ -214,6 +224,8 @@ class CatalogValidator:
             self._dirs.add(entry.path)
         elif entry.type == FILE:
             self._files.add(entry.path)
+        else:
+            self._others.add(entry.path)
 
     def _check_root(self, entry: Entry) -> None:
         if self._seen_root or entry.type != DIR:

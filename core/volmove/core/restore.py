@@ -1,10 +1,17 @@
 """The restore data path: write a snapshot into a directory, safely.
 
 The catalog is hostile input.  Every entry is validated before use, every
-blob is checked against its hash, and every file-system call is made
-relative to a directory descriptor with O_NOFOLLOW, so nothing is written,
-created or chmod-ed through a symlink — neither one from the snapshot nor
-one planted in the target beforehand.
+blob's sizes are bounded before it is inflated and its content is checked
+against its hash, and every file-system call is made relative to a directory
+descriptor with O_NOFOLLOW, so nothing is written, created or chmod-ed
+through a symlink — neither one from the snapshot nor one planted in the
+target beforehand.
+
+One thread writes, because a restore of many small files is mostly
+syscalls, and Python threads making syscalls queue for the GIL after each
+one.  Packs are read in segments (one read serves many small blobs), small
+blobs are checked by the writer itself, and large ones by a pool running
+ahead of the writer within a byte budget.
 """
 
 from __future__ import annotations
@@ -16,9 +23,12 @@ import stat
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+import zstandard
 
 from volmove.core.catalog import (
     BLOCKDEV,
@@ -36,14 +46,16 @@ from volmove.core.catalog import (
     parent_of,
     parse_entry,
 )
-from volmove.core.errors import CancelledByUser, ConflictError, CorruptDataError, StorageError
+from volmove.core.errors import CancelledByUser, ConflictError, CorruptDataError, NotFoundError, StorageError
+from volmove.core.format import BlobRef, blob_id, pack_key
 from volmove.core.fswalk import DIR_FLAGS
 from volmove.core.progress import Progress, ProgressFn, no_progress
-from volmove.core.repository import Repository, check_blob
+from volmove.core.repository import Repository
 from volmove.core.snapshot import Snapshot
 
-WINDOW_CHUNKS = 48
-PACK_CACHE = 4
+BUDGET_BYTES = 32 << 20  # raw bytes of large chunks decoded ahead of the writer
+AHEAD_ENTRIES = 1024  # catalog entries validated ahead of the writer
+INLINE_MAX = 64 << 10  # chunks up to this raw size are checked by the writer itself
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _NODE_TYPES = {FIFO: stat.S_IFIFO, SOCKET: stat.S_IFSOCK, CHARDEV: stat.S_IFCHR, BLOCKDEV: stat.S_IFBLK}
 
@@ -57,55 +69,251 @@ class RestoreResult:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ReadLayout:
+    """How packs are read: ``segment`` bytes at a time, blobs of ``alone`` bytes
+    or more on their own; ``cache`` segments kept, ``ahead`` of them loaded
+    before the writer needs them."""
+
+    segment: int
+    alone: int
+    cache: int
+    ahead: int
+
+
+LOCAL_LAYOUT = ReadLayout(segment=1 << 20, alone=64 << 10, cache=8, ahead=4)
+WHOLE_LAYOUT = ReadLayout(segment=16 << 20, alone=16 << 20, cache=4, ahead=2)  # S3: one request per pack
+SegmentKey = tuple[str, int]
+T = TypeVar("T")
+
+
+class _Decoders(threading.local):
+    def __init__(self) -> None:
+        self.dctx = zstandard.ZstdDecompressor()  # reused: creating one costs more than inflating a small blob
+
+
 class BlobFetcher:
-    """Fetches checked blobs; whole packs are cached when the backend prefers
-    few large reads (S3), ranged reads are used otherwise (local files)."""
+    """Reads, bounds and checks blobs.  ``reserve``/``release`` run in the
+    writer's thread; ``get`` in any thread."""
 
-    def __init__(self, repo: Repository, *, whole_packs: bool) -> None:
+    def __init__(self, repo: Repository, layout: ReadLayout) -> None:
         self.repo = repo
-        self.whole_packs = whole_packs
-        self._packs: OrderedDict[str, Future[bytes]] = OrderedDict()
+        self.layout = layout
+        self.max_raw = repo.config.chunker.max_size
+        self._segments: OrderedDict[SegmentKey, Future[bytes]] = OrderedDict()
+        self._users: dict[SegmentKey, int] = {}  # reserved blobs per segment: never evicted while used
+        self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._loader = ThreadPoolExecutor(2, thread_name_prefix="pack-fetch")
+        self._loader = ThreadPoolExecutor(2, thread_name_prefix="pack-read")
+        self._decoders = _Decoders()
 
-    def get(self, bid: str) -> bytes:
+    @property
+    def segments_in_use(self) -> int:
+        return len(self._users)
+
+    def locate(self, bid: str) -> BlobRef:
+        """The blob's place, refused if its sizes are impossible: they size allocations."""
         ref = self.repo.index.get(bid)
         if ref is None:
             raise CorruptDataError(f"blob {bid} is not in any index (missing data)")
-        if not self.whole_packs:
-            return self.repo.read_blob(bid)
-        pack = self._pack(ref.pack).result()
-        raw = memoryview(pack)[ref.offset : ref.offset + ref.length]
-        if len(raw) != ref.length:
-            raise CorruptDataError(f"pack {ref.pack} is truncated")
-        return check_blob(bid, ref, raw)
+        if not 0 < ref.raw_length <= self.max_raw or ref.length > ref.raw_length + (ref.raw_length >> 7) + 1024:
+            raise CorruptDataError(f"blob {bid} in pack {ref.pack} has impossible sizes "
+                                   f"({ref.length} stored, {ref.raw_length} raw)")
+        return ref
 
-    def _pack(self, pack_id: str) -> Future[bytes]:
+    def reserve(self, bid: str) -> BlobRef:
+        """Locate a blob and start loading its segment."""
+        ref = self.locate(bid)
+        key = self._segment_key(ref)
+        if key is not None:
+            with self._lock:
+                self._users[key] = self._users.get(key, 0) + 1
+                self._segment(key, bid)
+        return ref
+
+    def release(self, ref: BlobRef) -> None:
+        key = self._segment_key(ref)
+        if key is None:
+            return
         with self._lock:
-            fut = self._packs.get(pack_id)
-            if fut is None:
-                fut = self._loader.submit(self.repo.read_pack, pack_id)
-                self._packs[pack_id] = fut
-                while len(self._packs) > PACK_CACHE:
-                    self._packs.popitem(last=False)
+            left = self._users.pop(key) - 1
+            if left:
+                self._users[key] = left
             else:
-                self._packs.move_to_end(pack_id)
-            return fut
+                self._evict()
+
+    def get(self, bid: str, ref: BlobRef) -> bytes:
+        return self._decode(bid, ref, self._raw(bid, ref))
+
+    def _segment_key(self, ref: BlobRef) -> SegmentKey | None:
+        seg = self.layout.segment
+        index = ref.offset // seg
+        if ref.length >= self.layout.alone or ref.offset + ref.length > (index + 1) * seg:
+            return None
+        return ref.pack, index
+
+    def _raw(self, bid: str, ref: BlobRef) -> bytes | memoryview:
+        key = self._segment_key(ref)
+        if key is None:
+            return self._read(bid, ref.pack, ref.offset, ref.length)
+        with self._lock:
+            fut = self._segment(key, bid)
+        start = ref.offset - key[1] * self.layout.segment
+        raw = memoryview(fut.result())[start : start + ref.length]
+        if len(raw) != ref.length:
+            raise CorruptDataError(f"pack {ref.pack} is truncated: blob {bid} lies past its end")
+        return raw
+
+    def _segment(self, key: SegmentKey, bid: str) -> Future[bytes]:
+        fut = self._segments.get(key)
+        if fut is None:
+            fut = self._loader.submit(self._load, key, bid)
+            self._segments[key] = fut
+            self._evict()
+        else:
+            self._segments.move_to_end(key)
+        return fut
+
+    def _evict(self) -> None:
+        excess = len(self._segments) - self.layout.cache
+        for key in [k for k in self._segments if k not in self._users][: max(excess, 0)]:
+            del self._segments[key]
+
+    def _load(self, key: SegmentKey, bid: str) -> bytes:
+        pack, index = key
+        start = index * self.layout.segment
+        size = self._pack_size(pack, bid)
+        if start >= size:
+            raise CorruptDataError(f"pack {pack} is truncated: blob {bid} lies past its end")
+        return self._read(bid, pack, start, min(self.layout.segment, size - start))
+
+    def _pack_size(self, pack: str, bid: str) -> int:
+        size = self._sizes.get(pack)
+        if size is None:
+            try:
+                size = self.repo.storage.stat(pack_key(pack)).size
+            except NotFoundError:
+                raise CorruptDataError(f"pack {pack} holding blob {bid} is missing") from None
+            self._sizes[pack] = size
+        return size
+
+    def _read(self, bid: str, pack: str, offset: int, length: int) -> bytes:
+        try:
+            return self.repo.storage.get_range(pack_key(pack), offset, length)
+        except NotFoundError:
+            raise CorruptDataError(f"pack {pack} holding blob {bid} is missing") from None
+        except CorruptDataError:
+            raise CorruptDataError(f"pack {pack} is truncated: blob {bid} lies past its end") from None
+
+    def _decode(self, bid: str, ref: BlobRef, raw: bytes | memoryview) -> bytes:
+        what = f"blob {bid} in pack {ref.pack}"
+        try:
+            # A declared content size makes zstandard ignore max_output_size: check it first.
+            declared = zstandard.frame_content_size(raw)
+            if declared > ref.raw_length:
+                raise CorruptDataError(f"{what} claims {declared} bytes, more than the {ref.raw_length} indexed")
+            data: bytes = self._decoders.dctx.decompress(raw, max_output_size=ref.raw_length)
+        except zstandard.ZstdError as exc:
+            raise CorruptDataError(f"{what} cannot be decompressed: {exc}") from None
+        if len(data) != ref.raw_length or blob_id(data) != bid:
+            raise CorruptDataError(f"{what} does not match its hash")
+        return data
 
     def close(self) -> None:
         self._loader.shutdown(wait=True, cancel_futures=True)
 
 
+@dataclass(slots=True)
+class _Job:
+    """An entry on its way to the target, with the chunks submitted so far."""
+
+    entry: Entry
+    chunks: deque[tuple[BlobRef, str, Future[bytes] | None]] = field(default_factory=deque)
+
+
+class _Ahead:
+    """Validated entries in catalog order; large chunks are decoded ahead in
+    ``pool`` within ``BUDGET_BYTES``, small ones have their segment loading."""
+
+    def __init__(self, entries: Iterator[Entry], validator: CatalogValidator, fetcher: BlobFetcher,
+                 pool: ThreadPoolExecutor, cancel: threading.Event) -> None:
+        self.entries = entries
+        self.validator = validator
+        self.fetcher = fetcher
+        self.pool = pool
+        self.cancel = cancel
+        self.jobs: deque[_Job] = deque()
+        self.unsubmitted: deque[_Job] = deque()  # files with chunks still to submit, in order
+        self.next_chunk = 0  # of unsubmitted[0]
+        self.in_flight = 0
+        self.exhausted = False
+
+    def next_job(self) -> _Job | None:
+        self.fill()
+        return self.jobs.popleft() if self.jobs else None
+
+    def take(self, job: _Job) -> bytes:
+        """The next chunk of ``job``'s file, checked."""
+        while not job.chunks:
+            self._submit_next()  # past the budget: the file being written must progress
+        ref, bid, fut = job.chunks.popleft()
+        data = fut.result() if fut is not None else self.fetcher.get(bid, ref)
+        self.fetcher.release(ref)
+        if fut is not None:
+            self.in_flight -= ref.raw_length
+        self.fill()
+        return data
+
+    def fill(self) -> None:
+        while self.in_flight < BUDGET_BYTES and self.fetcher.segments_in_use <= self.fetcher.layout.ahead:
+            if self.unsubmitted:
+                self._submit_next()
+            elif len(self.jobs) < AHEAD_ENTRIES and not self.exhausted:
+                self._pull()
+            else:
+                return
+
+    def _pull(self) -> None:
+        if self.cancel.is_set():
+            raise CancelledByUser("restore cancelled")
+        entry = next(self.entries, None)
+        if entry is None:
+            self.exhausted = True
+            return
+        self.validator.check(entry)
+        job = _Job(entry)
+        self.jobs.append(job)
+        if entry.type == FILE and entry.chunks:
+            self.unsubmitted.append(job)
+
+    def _submit_next(self) -> None:
+        job = self.unsubmitted[0]
+        bid = job.entry.chunks[self.next_chunk]
+        ref = self.fetcher.reserve(bid)
+        fut = None
+        if ref.raw_length > INLINE_MAX:
+            fut = self.pool.submit(self.fetcher.get, bid, ref)
+            self.in_flight += ref.raw_length
+        job.chunks.append((ref, bid, fut))
+        self.next_chunk += 1
+        if self.next_chunk == len(job.entry.chunks):
+            self.unsubmitted.popleft()
+            self.next_chunk = 0
+
+
 class Restorer:
+    ahead: _Ahead
+
     def __init__(self, repo: Repository, root_fd: int, *, allow_devices: bool = False,
                  progress: ProgressFn = no_progress, cancel: threading.Event | None = None,
-                 workers: int = 3) -> None:
+                 workers: int = 2) -> None:
         self.repo = repo
         self.root_fd = root_fd
         self.validator = CatalogValidator(allow_devices=allow_devices)
         self.report = progress
         self.cancel = cancel or threading.Event()
-        self.fetcher = BlobFetcher(repo, whole_packs=getattr(repo.storage, "prefers_whole_objects", False))
+        layout = WHOLE_LAYOUT if repo.storage.prefers_whole_objects else LOCAL_LAYOUT
+        self.fetcher = BlobFetcher(repo, layout)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="restore")
         self.result = RestoreResult()
         self.progress = Progress("restore")
@@ -115,8 +323,12 @@ class Restorer:
     def run(self, snapshot: Snapshot) -> RestoreResult:
         self.progress.bytes_total = snapshot.stats.bytes
         self.progress.files_total = snapshot.stats.files
+        entries = (parse_entry(line) for line in self.repo.read_catalog(snapshot))
+        self.ahead = _Ahead(entries, self.validator, self.fetcher, self.pool, self.cancel)
         try:
-            self._restore_all(parse_entry(line) for line in self.repo.read_catalog(snapshot))
+            while (job := self.ahead.next_job()) is not None:
+                self._apply(job)
+            self._close_dirs(apply=True)
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.fetcher.close()
@@ -125,41 +337,24 @@ class Restorer:
         self.report(self.progress)
         return self.result
 
-    def _restore_all(self, entries: Iterable[Entry]) -> None:
-        pending: deque[tuple[Entry, list[Future[bytes]]]] = deque()
-        in_flight = 0
-        for entry in entries:
-            if self.cancel.is_set():
-                raise CancelledByUser("restore cancelled")
-            self.validator.check(entry)
-            futures = [self.pool.submit(self.fetcher.get, c) for c in entry.chunks] if entry.type == FILE else []
-            pending.append((entry, futures))
-            in_flight += len(futures)
-            while pending and (in_flight > WINDOW_CHUNKS or not pending[0][1]):
-                done_entry, done_futures = pending.popleft()
-                in_flight -= len(done_futures)
-                self._apply(done_entry, done_futures)
-        while pending:
-            self._apply(*pending.popleft())
-        self._close_dirs(apply=True)
-
-    def _apply(self, entry: Entry, futures: list[Future[bytes]]) -> None:
+    def _apply(self, job: _Job) -> None:
         try:
-            self._apply_entry(entry, futures)
+            self._apply_entry(job)
         except OSError as exc:
-            raise _os_error(exc, entry.path) from None
+            raise _os_error(exc, job.entry.path) from None
 
-    def _apply_entry(self, entry: Entry, futures: list[Future[bytes]]) -> None:
+    def _apply_entry(self, job: _Job) -> None:
+        entry = job.entry
         if entry.path == ROOT:
             self.dirs = [(ROOT, os.dup(self.root_fd), entry)]
             self.result.dirs += 1
             return
         parent_fd = self._parent_fd(parent_of(entry.path))
         name = entry.path.rsplit("/", 1)[-1]
-        if entry.type == DIR:
+        if entry.type == FILE:
+            self._write_file(parent_fd, name, job)
+        elif entry.type == DIR:
             self._make_dir(parent_fd, name, entry)
-        elif entry.type == FILE:
-            self._write_file(parent_fd, name, entry, futures)
         elif entry.type == SYMLINK:
             self._make_symlink(parent_fd, name, entry)
         elif entry.type == HARDLINK:
@@ -180,12 +375,8 @@ class Restorer:
         if top_path == path:
             return top_fd
         # An out-of-order (forged) catalog: reopen the path component by component without following links.
-        fd = os.dup(top_fd)
         rest = path[len(top_path) + 1 :] if top_path != ROOT else path
-        for part in rest.split("/"):
-            nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
+        fd = _open_dirs(top_fd, rest)
         self.dirs.append((path, fd, Entry(path, DIR)))
         return fd
 
@@ -215,15 +406,15 @@ class Restorer:
 
     # -- files ---------------------------------------------------------------
 
-    def _write_file(self, parent_fd: int, name: str, entry: Entry, futures: list[Future[bytes]]) -> None:
-        _clear(parent_fd, name)
-        fd = os.open(name, CREATE_FLAGS, 0o600, dir_fd=parent_fd)
+    def _write_file(self, parent_fd: int, name: str, job: _Job) -> None:
+        entry = job.entry
+        fd = _replacing(parent_fd, name, lambda: os.open(name, CREATE_FLAGS, 0o600, dir_fd=parent_fd))
         try:
             if entry.extents is None:
-                self._write_sequential(fd, entry, futures)
+                self._write_sequential(fd, job)
             else:
-                self._write_extents(fd, entry, futures)
-            os.ftruncate(fd, entry.size)
+                self._write_extents(fd, job)
+                os.ftruncate(fd, entry.size)  # a hole at the end has no extent to write
             self._set_meta_fd(fd, entry)
         finally:
             os.close(fd)
@@ -231,20 +422,21 @@ class Restorer:
         self.result.bytes += entry.size
         self.progress.files_done += 1
 
-    def _write_sequential(self, fd: int, entry: Entry, futures: list[Future[bytes]]) -> None:
+    def _write_sequential(self, fd: int, job: _Job) -> None:
+        entry = job.entry
         written = 0
-        for fut in futures:
-            data = fut.result()
+        for _ in entry.chunks:
+            data = self.ahead.take(job)
             _write_all(fd, data, None)
             written += len(data)
             self._advance(len(data))
         if written != entry.size:
             raise CorruptDataError(f"file {entry.path!r}: chunks hold {written} bytes, catalog says {entry.size}")
 
-    def _write_extents(self, fd: int, entry: Entry, futures: list[Future[bytes]]) -> None:
-        cursor = _ExtentCursor(entry.extents or [], entry.path)
-        for fut in futures:
-            data = fut.result()
+    def _write_extents(self, fd: int, job: _Job) -> None:
+        cursor = _ExtentCursor(job.entry.extents or [], job.entry.path)
+        for _ in job.entry.chunks:
+            data = self.ahead.take(job)
             for pos, part in cursor.place(memoryview(data)):
                 _write_all(fd, part, pos)
             self._advance(len(data))
@@ -257,10 +449,9 @@ class Restorer:
             self._set_xattr(fd, xname, value, entry.path)
         os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
 
-    def _set_xattr(self, path: int | str, xname: str, value: bytes, what: str) -> None:
+    def _set_xattr(self, path: int | str, xname: str, value: bytes, what: str, *, follow: bool = True) -> None:
         try:
-            # A descriptor, or a /proc/self/fd/<dir>/<name> path whose last component is not followed.
-            os.setxattr(path, xname, value, follow_symlinks=isinstance(path, int))
+            os.setxattr(path, xname, value, follow_symlinks=follow)
         except OSError as exc:
             if exc.errno not in (errno.ENOTSUP, errno.EPERM, errno.EOPNOTSUPP):
                 raise
@@ -269,50 +460,40 @@ class Restorer:
     # -- links and nodes -----------------------------------------------------
 
     def _make_symlink(self, parent_fd: int, name: str, entry: Entry) -> None:
-        _clear(parent_fd, name)
-        os.symlink(entry.target or "", name, dir_fd=parent_fd)
+        _replacing(parent_fd, name, lambda: os.symlink(entry.target or "", name, dir_fd=parent_fd))
         os.chown(name, entry.uid, entry.gid, dir_fd=parent_fd, follow_symlinks=False)
         for xname, value in entry.xattrs.items():
-            self._set_xattr(f"/proc/self/fd/{parent_fd}/{name}", xname, value, entry.path)
+            # The last component (the link itself) is not followed.
+            self._set_xattr(f"/proc/self/fd/{parent_fd}/{name}", xname, value, entry.path, follow=False)
         os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=parent_fd, follow_symlinks=False)
         self.result.other += 1
 
     def _make_hardlink(self, parent_fd: int, name: str, entry: Entry) -> None:
+        # The validator admits only earlier regular files of this snapshot, all written by now.
         target = entry.target or ""
-        src_fd = self._open_dir_nofollow(parent_of(target))
+        src_fd = _open_dirs(self.root_fd, parent_of(target))
         try:
-            _clear(parent_fd, name)
-            os.link(target.rsplit("/", 1)[-1], name, src_dir_fd=src_fd, dst_dir_fd=parent_fd,
-                    follow_symlinks=False)
+            _replacing(parent_fd, name, lambda: os.link(target.rsplit("/", 1)[-1], name, src_dir_fd=src_fd,
+                                                        dst_dir_fd=parent_fd, follow_symlinks=False))
         finally:
             os.close(src_fd)
         self.result.other += 1
 
-    def _open_dir_nofollow(self, path: str) -> int:
-        fd = os.dup(self.root_fd)
-        if path == ROOT:
-            return fd
-        for part in path.split("/"):
-            nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
-        return fd
-
     def _make_node(self, parent_fd: int, name: str, entry: Entry) -> None:
-        _clear(parent_fd, name)
         rdev = entry.rdev if entry.type in DEVICES else 0
-        os.mknod(name, _NODE_TYPES[entry.type] | 0o600, rdev, dir_fd=parent_fd)
-        if entry.type == FIFO:
-            # Opening a FIFO non-blocking for reading gives a descriptor to set metadata on, race-free.
-            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW, dir_fd=parent_fd)
-            try:
-                self._set_meta_fd(fd, entry)
-            finally:
-                os.close(fd)
-        else:
-            os.chown(name, entry.uid, entry.gid, dir_fd=parent_fd, follow_symlinks=False)
-            os.chmod(name, entry.mode, dir_fd=parent_fd)
-            os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=parent_fd, follow_symlinks=False)
+        _replacing(parent_fd, name, lambda: os.mknod(name, _NODE_TYPES[entry.type] | 0o600, rdev, dir_fd=parent_fd))
+        # O_PATH opens the node itself (never a device driver, never a symlink), so
+        # metadata is set on what was just created even if the name is swapped meanwhile.
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        try:
+            node = f"/proc/self/fd/{fd}"
+            os.chown(node, entry.uid, entry.gid)
+            os.chmod(node, entry.mode)
+            for xname, value in entry.xattrs.items():
+                self._set_xattr(node, xname, value, entry.path)
+            os.utime(node, ns=(entry.mtime_ns, entry.mtime_ns))
+        finally:
+            os.close(fd)
         self.result.other += 1
 
     def _advance(self, nbytes: int) -> None:
@@ -325,6 +506,30 @@ class Restorer:
 
 def _is_within(path: str, dir_path: str) -> bool:
     return dir_path == ROOT or path == dir_path or path.startswith(dir_path + "/")
+
+
+def _open_dirs(base_fd: int, path: str) -> int:
+    """A new descriptor of ``path`` under ``base_fd``, opened one component at a time, following no link."""
+    fd = os.dup(base_fd)
+    if path == ROOT:
+        return fd
+    for part in path.split("/"):
+        try:
+            nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+        finally:
+            os.close(fd)
+        fd = nfd
+    return fd
+
+
+def _replacing(parent_fd: int, name: str, create: Callable[[], T]) -> T:
+    """Create ``name``; if something is in the way, remove it (unfollowed) and create again.
+    Trying first saves a stat per entry in the usual, empty, target."""
+    try:
+        return create()
+    except FileExistsError:
+        _clear(parent_fd, name)
+        return create()
 
 
 def _clear(parent_fd: int, name: str) -> None:
