@@ -59,7 +59,7 @@ class Tick:
     pass
 
 
-@dataclass
+@dataclass(eq=False)  # kept in a set: identity, not value
 class Watch:
     """A subscriber to job changes: the latest document per job, and a wake-up."""
 

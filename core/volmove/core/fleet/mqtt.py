@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT, DEFAULT_TLS_PORT = 1883, 8883
 SESSION_EXPIRY = 24 * 3600  # the broker keeps a disconnected client's subscriptions and queued messages this long
 PUBLISH_TIMEOUT = 5.0
+PUBLISH_IN_FLIGHT_WARNING = 1000
 _AUTH_CODES = frozenset({4, 5, 134, 135})  # MQTT 3.1.1 and 5 codes for refused credentials
 
 MessageHandler = Callable[[str, bytes, bool], Awaitable[None]]
@@ -172,7 +173,7 @@ class Link:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 0 if probe else SESSION_EXPIRY
         will = self.will
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self.cfg.host, self.cfg.port, username=self.cfg.username, password=self.cfg.password,
             identifier=f"{self.client_id}-probe" if probe else self.client_id,
             protocol=aiomqtt.ProtocolVersion.V5, keepalive=self.cfg.keepalive, timeout=PUBLISH_TIMEOUT,
@@ -181,6 +182,8 @@ class Link:
             will=aiomqtt.Will(will.topic, will.payload, qos=1, retain=will.retain) if will and not probe else None,
             tls_context=self._tls_context(),
         )
+        client.pending_calls_threshold = PUBLISH_IN_FLIGHT_WARNING  # many in flight is the design, not a leak
+        return client
 
     def _tls_context(self) -> ssl.SSLContext | None:
         if not self.cfg.tls:
