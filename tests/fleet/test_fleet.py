@@ -218,3 +218,13 @@ async def test_unknown_host_is_a_clear_error(fleet: Fleet) -> None:
     assert out.returncode == 3 and "unknown host 'nope'" in out.stderr
     out = fleet.cli("migrate", "nowhere", "--to", "h2", check=False)
     assert out.returncode == 3 and "volume nowhere is on no known host" in out.stderr
+
+
+async def test_a_stopped_worker_says_it_is_offline_and_exits_cleanly(fleet: Fleet) -> None:
+    worker = fleet.workers["h3"]
+    stopped = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    assert worker.popen.wait(10) == 0, worker.output()
+    assert time.monotonic() - stopped < 5
+    await fleet.wait_hosts(["h3"], state="offline", within=2)
+    assert "error" not in worker.output().lower()

@@ -20,6 +20,7 @@ from typing import NoReturn
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -87,15 +88,28 @@ class WillMessage:
     retain: bool = True
 
 
+def _reraise_cancellation() -> None:
+    """A disconnect error raised while we were being cancelled replaces the CancelledError: restore it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def translate(exc: BaseException, cfg: BrokerConfig) -> VolmoveError:
-    """An aiomqtt/paho/socket error as a volmove error."""
-    rc = getattr(exc, "rc", None)
-    code = rc.value if isinstance(rc, ReasonCode) else rc
-    if isinstance(exc, aiomqtt.MqttCodeError) and code in _AUTH_CODES:
+    """An aiomqtt/paho/socket error as a volmove error.
+
+    Only a refused CONNECT (CONNACK) means refused credentials: other paho codes
+    share the small integers (4 is also "not connected") and are transient.
+    """
+    if isinstance(exc, MqttConnectError) and _code(exc.rc) in _AUTH_CODES:
         who = f"user {cfg.username!r}" if cfg.username else "an anonymous client"
         return AuthError(f"the MQTT broker at {cfg.describe()} refused {who}: {_reason(exc)} "
                          f"(check the broker user name and password)")
     return UnreachableError(f"cannot reach the MQTT broker at {cfg.describe()}: {_reason(exc)}")
+
+
+def _code(rc: object) -> object:
+    return rc.value if isinstance(rc, ReasonCode) else rc
 
 
 def _reason(exc: BaseException) -> str:
@@ -144,6 +158,7 @@ class Link:
             finally:
                 self.connected.clear()
                 self._client = None
+            _reraise_cancellation()
             await asyncio.sleep(self.backoff.delay(failures, random.random()))
 
     async def connect_once(self) -> None:
