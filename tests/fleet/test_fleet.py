@@ -228,3 +228,20 @@ async def test_a_stopped_worker_says_it_is_offline_and_exits_cleanly(fleet: Flee
     assert time.monotonic() - stopped < 5
     await fleet.wait_hosts(["h3"], state="offline", within=2)
     assert "error" not in worker.output().lower()
+
+
+async def test_a_service_killed_mid_job_reconciles_it_at_start_up(make_fleet: MakeFleet, mqtt_broker: Broker) -> None:
+    f = await started(make_fleet(mqtt_broker), ("h1",), VOLMOVE_WORKER_FAULTS="backup=delay:3")
+    await make_volume(f.engines["h1"], "durable", FILES)
+    async with f.client() as api:
+        job = await api.submit("backup", "h1", {"volume": "durable"})
+        await wait_for(lambda: _phase_is(f, job["id"], "running"), 20, "the job to run")
+    assert f.service is not None
+    f.service.signal(signal.SIGKILL)
+    f.service.popen.wait()
+    await asyncio.sleep(4)  # the job ends while the service is away
+    f.start_service()
+    await f.wait_service()
+    final = await job_done(f, job["id"], within=30)
+    assert final["phase"] == "succeeded" and final["attempt"] == 1
+    assert snapshots_tagged(f.repo, f"job={job['id']}") == [final["result"]["snapshot"]]

@@ -79,6 +79,7 @@ class Agent:
         self.wake = asyncio.Event()
         self.last_progress: dict[str, float] = {}
         self.executions = 0  # jobs actually run by this process (tests count effects with it)
+        self.stopping = False
         self._tg: asyncio.TaskGroup | None = None
         self.link = Link(
             cfg.broker, f"volmove-worker-{cfg.host}",
@@ -103,6 +104,7 @@ class Agent:
 
     async def announce_offline(self) -> None:
         """On a graceful stop: say so now rather than leave it to the Will (which a clean disconnect suppresses)."""
+        self.stopping = True
         try:
             async with asyncio.timeout(2.0):
                 await self.link.publish(self.topics.status(self.cfg.host), P.encode(self._status("offline")),
@@ -212,7 +214,7 @@ class Agent:
 
     def _on_own_status(self, msg: P.Status) -> None:
         # A stale Will (an earlier session's, or one the broker sent on a takeover) must not leave us offline.
-        if msg.state == "offline" and self.link.connected.is_set():
+        if msg.state == "offline" and self.link.connected.is_set() and not self.stopping:
             self._send(("status", ""), self._status("online"), retain=True, topic=self.topics.status(self.cfg.host))
 
     async def _on_run(self, msg: P.RunJob) -> None:
