@@ -1,37 +1,46 @@
 """The backup data path: walk a tree, chunk, deduplicate, compress, pack.
 
-Runs in a worker thread.  The walking thread reads and chunks; a small pool
-hashes and compresses chunks (both release the GIL); results are consumed in
-walk order so the catalog stays deterministic.  Memory is bounded by the
-in-flight window and the packs being uploaded, not by the volume's size.
+Runs in a worker thread.  The walking thread lists, reads and chunks; a small
+pool hashes and compresses the chunks in batches of a few MiB (both release the
+GIL, and a few long calls per batch keep the threads from trading the GIL at
+every small file).  Batches are consumed in walk order, so the catalog and the
+packs do not depend on timing or on the number of workers.  Memory is bounded
+by the in-flight window and the packs being uploaded, not by the volume's size.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import zstandard
-from volmove.core.catalog import DIR, FILE, Entry, parse_entry
-from volmove.core.chunker import StreamChunker
-from volmove.core.errors import CancelledByUser, StorageError
-from volmove.core.format import BLOB_DATA, BLOB_META, blob_id
-from volmove.core.fswalk import FILE_FLAGS, Item, data_extents, walk
+
+from volmove.core.catalog import DIR, FILE, Entry
+from volmove.core.chunker import StreamChunker, chunk_all
+from volmove.core.errors import CancelledByUser, CorruptDataError, StorageError
+from volmove.core.format import BLOB_DATA, BLOB_META, ChunkerParams, blob_id
+from volmove.core.fswalk import FILE_FLAGS, Item, data_extents, read_fd_xattrs, walk
 from volmove.core.progress import Progress, ProgressFn, no_progress
 from volmove.core.repository import PackWriter, Repository
 from volmove.core.snapshot import Snapshot, SnapshotStats
 
 READ_SIZE = 4 << 20
+SMALL_FILE = 1 << 20  # read in one call and chunked at once
+BATCH_BYTES = 4 << 20
+BATCH_ENTRIES = 256
 WINDOW_BYTES = 48 << 20
+WINDOW_BATCHES = 64  # bounds the entries held when files are tiny or unchanged
 CATALOG_FLUSH = 1 << 20
 ZSTD_LEVEL = 3
-JobResult = tuple[str, bytes | None, int]
+BlobResult = tuple[str, bytes | None, int]  # id, compressed data unless already stored, raw length
+_FILE_KEYS = frozenset({"p", "t", "m", "u", "g", "mt", "s", "c", "h", "i", "ct", "e", "x"})
 
 
 @dataclass
@@ -47,18 +56,35 @@ class _Compressors(threading.local):
         self.zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
 
 
+@dataclass(slots=True)
+class _Batch:
+    """Chunks to hash and compress, each with the entry it belongs to, and the
+    catalog entries that are complete once these chunks are stored."""
+
+    owners: list[Entry] = field(default_factory=list)
+    chunks: list[memoryview] = field(default_factory=list)
+    entries: list[Entry | bytes] = field(default_factory=list)  # bytes: a line reused from the parent
+    nbytes: int = 0
+    future: Future[list[BlobResult]] | None = None
+
+    def ready(self) -> bool:
+        return self.future is None or self.future.done()
+
+
 class BackupEngine:
-    def __init__(self, repo: Repository, *, parent: dict[str, Entry] | None = None,
+    def __init__(self, repo: Repository, *, parent: ParentCatalog | None = None,
                  progress: ProgressFn = no_progress, cancel: threading.Event | None = None,
                  workers: int = 2) -> None:
         self.repo = repo
-        self.parent = parent or {}
+        self.params: ChunkerParams = repo.config.chunker
+        self.parent = parent or ParentCatalog(iter(()))
         self.report = progress
         self.cancel = cancel or threading.Event()
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="chunk")
         self.packs = PackWriter(repo)
         self.progress = Progress("backup")
-        self.queue: deque[tuple[Entry, Future[JobResult] | None]] = deque()
+        self.queue: deque[_Batch] = deque()
+        self.batch = _Batch()  # being filled; not queued yet
         self.in_flight = 0
         self.catalog = _CatalogWriter(repo, self.packs)
         self.counts = {"files": 0, "dirs": 0, "other": 0, "bytes": 0, "new_bytes": 0, "chunks": 0,
@@ -72,10 +98,11 @@ class BackupEngine:
         if totals:
             self.progress.files_total, self.progress.bytes_total = totals
         try:
-            for item in walk(root_fd):
+            for item in walk(root_fd, file_xattrs=False):  # read through the file's descriptor instead
                 self._check_cancel()
                 self._add(item)
-            self._drain(0)
+            self._queue_batch()
+            self._drain(everything=True)
             catalog = self.catalog.finish()
             self.repo.write_index(self.packs.finish())  # packs, then index; the caller commits the manifest
         except BaseException:
@@ -97,81 +124,110 @@ class BackupEngine:
         entry = item.entry
         kind = "files" if entry.type == FILE else "dirs" if entry.type == DIR else "other"
         self.counts[kind] += 1
-        if entry.type == FILE and not self._reuse_parent(entry):
-            self._read_file(item)
-        self.queue.append((entry, None))
-        self._drain(WINDOW_BYTES)
+        line = self._reuse_parent(entry) if entry.type == FILE else None
+        if line is None and entry.type == FILE and not self._read_file(item):
+            return
+        self.batch.entries.append(entry if line is None else line)
+        if len(self.batch.entries) >= BATCH_ENTRIES:
+            self._queue_batch()
 
-    def _reuse_parent(self, entry: Entry) -> bool:
-        """Skip reading a file whose metadata says it did not change since the parent snapshot."""
+    def _reuse_parent(self, entry: Entry) -> bytes | None:
+        """The parent snapshot's catalog line for a file whose metadata says it did not change."""
         old = self.parent.get(entry.path)
-        if old is None or old.type != FILE or (old.size, old.mtime_ns, old.ctime_ns, old.ino) != (
-                entry.size, entry.mtime_ns, entry.ctime_ns, entry.ino):
-            return False
-        if not all(self.repo.has_blob(c) for c in old.chunks):
-            return False
-        entry.chunks, entry.extents = list(old.chunks), old.extents
+        if old is None or old.meta != _meta(entry) or not all(self.repo.has_blob(c) for c in old.chunks):
+            return None
         self.counts["skipped_files"] += 1
         self.counts["bytes"] += entry.size
-        self.counts["chunks"] += len(entry.chunks)
+        self.counts["chunks"] += len(old.chunks)
         self._advance(entry.size, 1)
-        return True
+        return old.line
 
-    def _read_file(self, item: Item) -> None:
+    def _read_file(self, item: Item) -> bool:
+        """Queue the file's chunks; False if it vanished since it was listed."""
         entry = item.entry
         try:
             fd = os.open(item.name, FILE_FLAGS, dir_fd=item.dir_fd)
         except FileNotFoundError:
             self.warnings.append(f"{entry.path}: vanished during the backup")
-            return
+            return False
         try:
-            chunker = StreamChunker(self.repo.config.chunker)
-            size = 0
-            for data in self._file_data(fd, entry):
-                size += len(data)
-                self._submit_all(entry, chunker.feed(data))
-            self._submit_all(entry, chunker.finish())
-            if entry.extents is None:
-                entry.size = size  # the file may have changed since it was listed
+            entry.xattrs = read_fd_xattrs(fd)
+            sparse = entry.size > 0 and item.st.st_blocks * 512 < entry.size
+            data = None if sparse or entry.size > SMALL_FILE else _read_small(fd, entry)
+            if data is not None:
+                self._add_chunks(entry, chunk_all(data, self.params))
+            else:
+                self._read_stream(fd, entry, sparse)
         finally:
             os.close(fd)
         self.counts["bytes"] += entry.size
         self.progress.files_done += 1
+        return True
 
-    def _file_data(self, fd: int, entry: Entry) -> Iterator[bytes]:
-        if entry.size and item_is_sparse(fd, entry.size):
+    def _read_stream(self, fd: int, entry: Entry, sparse: bool) -> None:
+        if sparse:
             entry.extents = data_extents(fd, entry.size)
         ranges = entry.extents if entry.extents is not None else [(0, None)]
+        chunker = StreamChunker(self.params)
+        size = 0
         for start, length in ranges:
-            yield from _read_range(fd, start, length)
+            for data in _read_range(fd, start, length):
+                size += len(data)
+                self._add_chunks(entry, chunker.feed(data))
+        self._add_chunks(entry, chunker.finish())
+        if entry.extents is None:
+            entry.size = size  # the file may have changed since it was listed
 
-    def _submit_all(self, entry: Entry, chunks: Iterator[memoryview]) -> None:
+    def _add_chunks(self, entry: Entry, chunks: Iterable[memoryview]) -> None:
+        batch = self.batch
         for chunk in chunks:
-            self.queue.append((entry, self.pool.submit(self._hash_compress, chunk)))
-            self.in_flight += len(chunk)
-            self._drain(WINDOW_BYTES)
+            batch.owners.append(entry)
+            batch.chunks.append(chunk)
+            batch.nbytes += len(chunk)
+        if batch.nbytes >= BATCH_BYTES:
+            self._queue_batch()
 
-    def _hash_compress(self, chunk: memoryview) -> JobResult:
-        bid = blob_id(chunk)
-        if self.repo.has_blob(bid):
-            return bid, None, len(chunk)
-        return bid, self._tls.zstd.compress(chunk), len(chunk)
+    def _queue_batch(self) -> None:
+        batch, self.batch = self.batch, _Batch()
+        if batch.chunks:
+            batch.future = self.pool.submit(self._hash_compress, batch.chunks)
+        if batch.chunks or batch.entries:
+            self.queue.append(batch)
+            self.in_flight += batch.nbytes
+            self._drain()
 
-    def _drain(self, limit: int) -> None:
-        """Consume results in order until the in-flight window is below ``limit``."""
-        while self.queue and (self.in_flight > limit or self.queue[0][1] is None or self.queue[0][1].done()):
-            entry, future = self.queue.popleft()
-            if future is None:
+    def _hash_compress(self, chunks: list[memoryview]) -> list[BlobResult]:
+        """In the pool."""
+        out = []
+        for chunk in chunks:
+            bid = blob_id(chunk)
+            compressed = None if self.repo.has_blob(bid) else self._tls.zstd.compress(chunk)
+            out.append((bid, compressed, len(chunk)))
+        return out
+
+    def _drain(self, everything: bool = False) -> None:
+        """Consume finished batches in order, waiting while the window is full."""
+        while self.queue and (everything or self.queue[0].ready() or self.in_flight > WINDOW_BYTES
+                              or len(self.queue) > WINDOW_BATCHES):
+            batch = self.queue.popleft()
+            if batch.future is not None:
+                self._store(batch.owners, batch.future.result())
+            for entry in batch.entries:
                 self.catalog.add(entry)
-                continue
-            bid, compressed, raw_len = future.result()
-            self.in_flight -= raw_len
+            self.in_flight -= batch.nbytes
+
+    def _store(self, owners: list[Entry], blobs: list[BlobResult]) -> None:
+        new_chunks = new_bytes = raw_bytes = 0
+        for entry, (bid, compressed, raw_len) in zip(owners, blobs, strict=True):
             entry.chunks.append(bid)
-            self.counts["chunks"] += 1
+            raw_bytes += raw_len
             if compressed is not None and self.packs.add(bid, BLOB_DATA, compressed, raw_len):
-                self.counts["new_chunks"] += 1
-                self.counts["new_bytes"] += raw_len
-            self._advance(raw_len, 0)
+                new_chunks += 1
+                new_bytes += raw_len
+        self.counts["chunks"] += len(blobs)
+        self.counts["new_chunks"] += new_chunks
+        self.counts["new_bytes"] += new_bytes
+        self._advance(raw_bytes, 0)
 
     def _advance(self, nbytes: int, files: int) -> None:
         self.progress.bytes_done += nbytes
@@ -182,22 +238,33 @@ class BackupEngine:
             self.report(self.progress)
 
 
-def item_is_sparse(fd: int, size: int) -> bool:
-    return os.fstat(fd).st_blocks * 512 < size
+def _read_small(fd: int, entry: Entry) -> bytes | None:
+    """A small file's content in one call, or None if it grew since it was listed."""
+    data = _pread(fd, entry.size + 1, 0)  # one byte more: a short read is the end, no second call
+    if len(data) > entry.size:
+        return None
+    entry.size = len(data)
+    return data
 
 
 def _read_range(fd: int, start: int, length: int | None) -> Iterator[bytes]:
     pos, end = start, None if length is None else start + length
     while end is None or pos < end:
         want = READ_SIZE if end is None else min(READ_SIZE, end - pos)
-        try:
-            data = os.pread(fd, want, pos)
-        except OSError as exc:
-            raise StorageError(f"cannot read volume data: {os.strerror(exc.errno or errno.EIO)}") from None
+        data = _pread(fd, want, pos)
         if not data:
             return
         pos += len(data)
         yield data
+        if len(data) < want:
+            return  # a short read of a regular file is its end: saves a syscall per file
+
+
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    try:
+        return os.pread(fd, size, offset)
+    except OSError as exc:
+        raise StorageError(f"cannot read volume data: {os.strerror(exc.errno or errno.EIO)}") from None
 
 
 class _CatalogWriter:
@@ -212,8 +279,8 @@ class _CatalogWriter:
         self.ids: list[str] = []
         self.entries = 0
 
-    def add(self, entry: Entry) -> None:
-        line = entry.to_json().encode() + b"\n"
+    def add(self, entry: Entry | bytes) -> None:
+        line = entry if isinstance(entry, bytes) else entry.to_json().encode() + b"\n"
         self.buf.append(line)
         self.size += len(line)
         self.entries += 1
@@ -233,11 +300,71 @@ class _CatalogWriter:
             self.packs.add(bid, BLOB_META, self.zstd.compress(chunk), len(chunk))
 
 
-def load_catalog_map(repo: Repository, snapshot: Snapshot) -> dict[str, Entry]:
-    """A parent snapshot's files by path, for change detection."""
-    out = {}
-    for line in repo.read_catalog(snapshot):
-        entry = parse_entry(line)
-        if entry.type == FILE:
-            out[entry.path] = entry
-    return out
+@dataclass(frozen=True, slots=True)
+class ParentFile:
+    """A regular file of the parent snapshot: its metadata as recorded, its chunks, and its
+    catalog line, which is what a new backup of the unchanged file would write."""
+
+    meta: tuple[int, ...]
+    chunks: list[str]
+    line: bytes
+
+
+class ParentCatalog:
+    """A parent snapshot's files, looked up in walk order while its catalog streams by.
+
+    The catalog is in walk order too, so this is a merge: memory stays flat however
+    many files the volume has.  A line that is malformed, out of order or unreadable
+    costs only reuse: that file is read again."""
+
+    def __init__(self, lines: Iterator[bytes]) -> None:
+        self._lines = lines
+        self._head: tuple[str, ParentFile] | None = None
+        self._advance()
+
+    def get(self, path: str) -> ParentFile | None:
+        while self._head is not None and self._head[0] != path and _walk_key(self._head[0]) < _walk_key(path):
+            self._advance()
+        return self._head[1] if self._head is not None and self._head[0] == path else None
+
+    def _advance(self) -> None:
+        """Move to the next regular file of the catalog."""
+        self._head = None
+        try:
+            for line in self._lines:
+                self._head = _parent_file(line)
+                if self._head is not None:
+                    return
+        except CorruptDataError:
+            return  # a damaged parent only means reading everything again
+
+
+def _walk_key(path: str) -> tuple[bytes, ...]:
+    # Depth first, siblings by their byte names: the order of fswalk and of every catalog.
+    return tuple(os.fsencode(part) for part in path.split("/"))
+
+
+def _meta(entry: Entry) -> tuple[int, ...]:
+    # Any change of content, owner, mode or xattrs moves the ctime; the rest guards forged lines.
+    return entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.size, entry.ino, entry.ctime_ns
+
+
+def load_catalog_map(repo: Repository, snapshot: Snapshot) -> ParentCatalog:
+    """A parent snapshot's regular files, for change detection (read as the backup walks)."""
+    return ParentCatalog(repo.read_catalog(snapshot))
+
+
+def _parent_file(line: bytes) -> tuple[str, ParentFile] | None:
+    """A file's line, checked only as far as reusing it needs (restore checks it in full):
+    parsing each line in full would cost more than the rest of an incremental backup."""
+    try:
+        doc = json.loads(line)
+        meta = (doc["m"], doc["u"], doc["g"], doc["mt"], doc["s"], doc["i"], doc["ct"])
+        path, chunks = doc["p"], doc["c"]
+        if (doc["t"] != FILE or not doc.keys() <= _FILE_KEYS or type(path) is not str
+                or not all(type(v) is int for v in meta) or not all(type(c) is str for c in chunks)):
+            return None
+        os.fsencode(path)  # a name no walk can produce would break the ordering: UnicodeEncodeError
+    except (ValueError, KeyError, TypeError, AttributeError):  # UnicodeError is a ValueError
+        return None
+    return path, ParentFile(meta, chunks, line + b"\n")

@@ -34,6 +34,7 @@ _TYPES = {
     stat.S_IFREG: FILE, stat.S_IFDIR: DIR, stat.S_IFLNK: SYMLINK, stat.S_IFIFO: FIFO,
     stat.S_IFCHR: CHARDEV, stat.S_IFBLK: BLOCKDEV, stat.S_IFSOCK: SOCKET,
 }
+_XATTR_TYPES = frozenset(_TYPES.values())
 
 
 @dataclass(slots=True)
@@ -68,19 +69,34 @@ def read_xattrs(dir_fd: int, name: str | None) -> dict[str, bytes]:
         raise
 
 
-def walk(root_fd: int, *, xattrs: bool = True) -> Iterator[Item]:
+def read_fd_xattrs(fd: int) -> dict[str, bytes]:
+    """xattrs of an open file: no path lookup, so cheaper than ``read_xattrs``."""
+    try:
+        return {n: os.getxattr(fd, n) for n in os.listxattr(fd)}
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM, errno.ENODATA):
+            return {}
+        raise
+
+
+def walk(root_fd: int, *, xattrs: bool = True, file_xattrs: bool = True) -> Iterator[Item]:
     """Depth-first, children sorted by their byte names; hardlinked files after
-    the first become HARDLINK entries pointing at the first path."""
+    the first become HARDLINK entries pointing at the first path.
+
+    ``file_xattrs=False`` leaves regular files' xattrs to a caller that opens
+    them anyway and reads them through the descriptor."""
+    types = (_XATTR_TYPES if file_xattrs else _XATTR_TYPES - {FILE}) if xattrs else frozenset()
     st = os.fstat(root_fd)
     root = entry_from_stat(ROOT, st)
-    if xattrs:
+    if DIR in types:
         root.xattrs = read_xattrs(root_fd, None)
     yield Item(root, root_fd, ".", st)
     seen: dict[tuple[int, int], str] = {}
-    yield from _walk_dir(root_fd, "", seen, xattrs)
+    yield from _walk_dir(root_fd, "", seen, types)
 
 
-def _walk_dir(dir_fd: int, prefix: str, seen: dict[tuple[int, int], str], xattrs: bool) -> Iterator[Item]:
+def _walk_dir(dir_fd: int, prefix: str, seen: dict[tuple[int, int], str], xattrs: frozenset[str]) -> Iterator[Item]:
+    """``xattrs``: the entry types whose xattrs are read."""
     try:
         names = sorted(os.listdir(dir_fd), key=os.fsencode)
     except FileNotFoundError:
@@ -100,22 +116,22 @@ def _walk_dir(dir_fd: int, prefix: str, seen: dict[tuple[int, int], str], xattrs
                 continue
         if entry.type == SYMLINK:
             entry.target = os.readlink(name, dir_fd=dir_fd)
-        if xattrs and entry.type != DIR:
-            entry.xattrs = read_xattrs(dir_fd, name)
-        if entry.type != DIR:
-            yield Item(entry, dir_fd, name, st)
+        if entry.type == DIR:
+            yield from _walk_subdir(dir_fd, name, entry, st, seen, xattrs)
             continue
-        yield from _walk_subdir(dir_fd, name, entry, st, seen, xattrs)
+        if entry.type in xattrs:
+            entry.xattrs = read_xattrs(dir_fd, name)
+        yield Item(entry, dir_fd, name, st)
 
 
 def _walk_subdir(dir_fd: int, name: str, entry: Entry, st: os.stat_result,
-                 seen: dict[tuple[int, int], str], xattrs: bool) -> Iterator[Item]:
+                 seen: dict[tuple[int, int], str], xattrs: frozenset[str]) -> Iterator[Item]:
     try:
         fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError:
         return
     try:
-        if xattrs:
+        if DIR in xattrs:
             entry.xattrs = read_xattrs(fd, None)
         yield Item(entry, dir_fd, name, st)
         yield from _walk_dir(fd, entry.path + "/", seen, xattrs)

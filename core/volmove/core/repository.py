@@ -216,12 +216,13 @@ class PackWriter:
     def __init__(self, repo: Repository, target: int = PACK_TARGET) -> None:
         self.repo = repo
         self.target = target
-        self.buf = bytearray()
+        self.parts: list[bytes] = []  # joined once, by the upload: no copy per blob
+        self.size = 0
         self.rows: list[BlobRow] = []
         self.written: dict[str, list[BlobRow]] = {}
         self.stored_bytes = 0
         self._pending: set[str] = set()
-        self._uploads: list[Future[None]] = []
+        self._uploads: list[Future[tuple[str, list[BlobRow]]]] = []
         self._pool = ThreadPoolExecutor(PACK_UPLOADS_IN_FLIGHT, thread_name_prefix="pack-upload")
 
     def add(self, bid: str, btype: str, compressed: bytes, raw_length: int) -> bool:
@@ -229,30 +230,34 @@ class PackWriter:
         if bid in self._pending or self.repo.has_blob(bid):
             return False
         self._pending.add(bid)
-        self.rows.append((bid, btype, len(self.buf), len(compressed), raw_length))
-        self.buf += compressed
+        self.rows.append((bid, btype, self.size, len(compressed), raw_length))
+        self.parts.append(compressed)
+        self.size += len(compressed)
         self.stored_bytes += len(compressed)
-        if len(self.buf) >= self.target:
+        if self.size >= self.target:
             self.flush()
         return True
 
     def flush(self) -> None:
         if not self.rows:
             return
-        self.buf += encode_pack_header(self.rows)
-        data, rows = bytes(self.buf), self.rows
-        self.buf, self.rows = bytearray(), []
-        pack_id = blob_id(data)
-        self.written[pack_id] = rows
+        self.parts.append(encode_pack_header(self.rows))
+        parts, rows = self.parts, self.rows
+        self.parts, self.rows, self.size = [], [], 0
         self._wait(PACK_UPLOADS_IN_FLIGHT - 1)  # bounds memory: at most this many packs buffered
-        self._uploads.append(self._pool.submit(self._upload, pack_id, data))
+        self._uploads.append(self._pool.submit(self._upload, parts, rows))
 
-    def _upload(self, pack_id: str, data: bytes) -> None:
+    def _upload(self, parts: list[bytes], rows: list[BlobRow]) -> tuple[str, list[BlobRow]]:
+        # Joining and hashing here keeps both off the thread that produces the blobs.
+        data = b"".join(parts)
+        pack_id = blob_id(data)
         self.repo._put_once(pack_key(pack_id), data)
+        return pack_id, rows
 
     def _wait(self, max_pending: int) -> None:
         while len(self._uploads) > max_pending:
-            self._uploads.pop(0).result()
+            pack_id, rows = self._uploads.pop(0).result()
+            self.written[pack_id] = rows
 
     def finish(self) -> dict[str, list[BlobRow]]:
         """Flush, wait for every upload, and make the new blobs visible to this process."""
