@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -32,10 +33,17 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 ENGINE_SCRIPT = ROOT / "scripts" / "docker-engine.sh"
 KEEPALIVE = 2  # seconds: the host shows offline within 1.5x this after a silent death
-TEST_LABELS = {"volmove.test": "1", "volmove.fleet-test": "1"}
+# Other test runs may share these engines: everything a run makes carries its own id.
+RUN = secrets.token_hex(3)
+TEST_LABELS = {"volmove.test": "1", "volmove.fleet-test": RUN}
 WRITER = ("trap 'exit 0' TERM; i=0; while true; do i=$((i+1)); echo $i > /data/counter; "
           "echo line $i >> /data/log; usleep 20000; done")
 T = TypeVar("T")
+
+
+def uniq(name: str) -> str:
+    """A volume name of this test run."""
+    return f"{name}-{RUN}"
 
 
 def start_engine(name: str) -> str:
@@ -228,7 +236,7 @@ async def volume_exists(url: str, name: str) -> bool:
 async def cleanup_engine(url: str) -> None:
     """Remove what fleet tests made on an engine: their containers, then their volumes."""
     async with aiodocker.Docker(url=url) as api:
-        flt = {"label": ["volmove.fleet-test=1"]}
+        flt = {"label": [f"volmove.fleet-test={RUN}"]}
         for ctr in await api.containers.list(all=True, filters=flt):
             await ctr.delete(force=True)
         vols = await api.volumes.list(filters=flt)

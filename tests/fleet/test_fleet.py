@@ -21,6 +21,7 @@ from tests.fleet.harness import (
     make_volume,
     run_once,
     start_writer,
+    uniq,
     volume_exists,
     wait_for,
 )
@@ -46,21 +47,21 @@ def snapshots_tagged(repo_url: str, tag: str) -> list[str]:
 
 async def test_three_hosts_listed_with_inventories(fleet: Fleet) -> None:
     for i, host in enumerate(HOSTS, 1):
-        await make_volume(fleet.engines[host], f"inv-{host}", FILES if i == 1 else None)
-    writer = await start_writer(fleet.engines["h1"], "inv-h1")
+        await make_volume(fleet.engines[host], uniq(f"inv-{host}"), FILES if i == 1 else None)
+    writer = await start_writer(fleet.engines["h1"], uniq("inv-h1"))
 
     async def inventoried() -> dict[str, Any] | None:
         docs = {h: fleet.cli_json("hosts", h) for h in HOSTS}
         vols = {h: {v["name"]: v for v in d["inventory"] or []} for h, d in docs.items()}
-        ok = all(f"inv-{h}" in vols[h] for h in HOSTS) and vols["h1"]["inv-h1"]["running"]
+        ok = all(uniq(f"inv-{h}") in vols[h] for h in HOSTS) and vols["h1"][uniq("inv-h1")]["running"]
         return vols if ok else None
 
     vols = await wait_for(inventoried, 20, "three inventories")
     hosts = fleet.cli_json("hosts")
     assert [(h["name"], h["state"]) for h in hosts] == [(h, "online") for h in HOSTS]
-    h1 = vols["h1"]["inv-h1"]
+    h1 = vols["h1"][uniq("inv-h1")]
     assert h1["driver"] == "local" and h1["labels"]["volmove.test"] == "1" and h1["size"] >= 0
-    assert h1["running"] == ["writer-inv-h1"] and "inv-h1" not in vols["h2"]
+    assert h1["running"] == [f"writer-{uniq('inv-h1')}"] and uniq("inv-h1") not in vols["h2"]
     assert await container_running(fleet.engines["h1"], writer)
 
 
@@ -69,28 +70,28 @@ async def test_backup_on_host1_restore_on_host3_through_s3(make_fleet: MakeFleet
                                                            s3_url: str) -> None:
     from tests.fleet.conftest import new_repo
     f = await started(make_fleet(mqtt_broker, new_repo(s3_url)))
-    await make_volume(f.engines["h1"], "xhost", FILES, labels={"app": "web"})
-    backup = f.cli_json("backup", "xhost", "--host", "h1")[0]
+    await make_volume(f.engines["h1"], uniq("xhost"), FILES, labels={"app": "web"})
+    backup = f.cli_json("backup", uniq("xhost"), "--host", "h1")[0]
     assert backup["host"] == "h1" and backup["stats"]["files"] == 2
-    restored = f.cli_json("restore", "xhost", "--on", "h3")
+    restored = f.cli_json("restore", uniq("xhost"), "--on", "h3")
     assert restored["host"] == "h3" and restored["created"] and restored["snapshot"] == backup["snapshot"]
-    assert await checksums(f.engines["h3"], "xhost") == await checksums(f.engines["h1"], "xhost")
+    assert await checksums(f.engines["h3"], uniq("xhost")) == await checksums(f.engines["h1"], uniq("xhost"))
     async with f.client() as api:
-        verify = await api.submit("verify", "h3", {"volume": "xhost", "snapshot": backup["snapshot"]})
+        verify = await api.submit("verify", "h3", {"volume": uniq("xhost"), "snapshot": backup["snapshot"]})
     result = (await job_done(f, verify["id"]))["result"]
     assert result["ok"] and result["checked"] == 3
-    restored_volume = await wait_for(lambda: _inventory_volume(f, "h3", "xhost"), 10, "xhost in h3's inventory")
+    restored_volume = await wait_for(lambda: _inventory_volume(f, "h3", uniq("xhost")), 10, "the volume on h3")
     assert restored_volume["labels"]["app"] == "web"  # created like the source
 
 
 async def test_migrate_while_a_container_writes(fleet: Fleet) -> None:
-    await make_volume(fleet.engines["h1"], "mig", {"seed.txt": b"seed"}, labels={"app": "db"})
-    writer = await start_writer(fleet.engines["h1"], "mig")
-    await wait_for(lambda: _counter_above(fleet.engines["h1"], "mig", 20), 20, "the writer to write")
+    await make_volume(fleet.engines["h1"], uniq("mig"), {"seed.txt": b"seed"}, labels={"app": "db"})
+    writer = await start_writer(fleet.engines["h1"], uniq("mig"))
+    await wait_for(lambda: _counter_above(fleet.engines["h1"], uniq("mig"), 20), 20, "the writer to write")
     await fleet.wait_hosts(["h1"])  # the inventory shows the writer running before we migrate
-    await wait_for(lambda: _running_in_inventory(fleet, "h1", "mig"), 10, "the writer in h1's inventory")
+    await wait_for(lambda: _running_in_inventory(fleet, "h1", uniq("mig")), 10, "the writer in h1's inventory")
 
-    report = fleet.cli_json("migrate", "mig", "--to", "h2")
+    report = fleet.cli_json("migrate", uniq("mig"), "--to", "h2")
 
     result = report["result"]
     assert report["phase"] == "succeeded" and result["source"] == "h1" and result["target"] == "h2"
@@ -98,10 +99,11 @@ async def test_migrate_while_a_container_writes(fleet: Fleet) -> None:
     assert 0 < result["downtime_s"] <= result["total_s"]
     assert not await container_running(fleet.engines["h1"], writer)  # the app moved: it stays stopped
     # The data on h2 is the source at the moment its writer stopped (the source is untouched since).
-    source, target = await checksums(fleet.engines["h1"], "mig"), await checksums(fleet.engines["h2"], "mig")
+    source = await checksums(fleet.engines["h1"], uniq("mig"))
+    target = await checksums(fleet.engines["h2"], uniq("mig"))
     assert source == target and "./counter" in target
-    assert await volume_exists(fleet.engines["h1"], "mig")  # kept unless --remove-source
-    moved = await wait_for(lambda: _inventory_volume(fleet, "h2", "mig"), 10, "mig in h2's inventory")
+    assert await volume_exists(fleet.engines["h1"], uniq("mig"))  # kept unless --remove-source
+    moved = await wait_for(lambda: _inventory_volume(fleet, "h2", uniq("mig")), 10, "mig in h2's inventory")
     assert moved["labels"]["app"] == "db" and moved["driver"] == "local"
 
 
@@ -130,20 +132,20 @@ async def test_migrate_failing_half_way_leaves_the_source_intact_and_running(
     f.start_worker("h2", VOLMOVE_WORKER_FAULTS="restore=fail-midway")
     await f.wait_service()
     await f.wait_hosts(["h1", "h2"])
-    await make_volume(f.engines["h1"], "fragile", {"big.bin": b"x" * 4000})
-    await run_once(f.engines["h1"], "fragile", "dd if=/dev/urandom of=/data/rand bs=1M count=8 2>/dev/null")
-    writer = await start_writer(f.engines["h1"], "fragile")
-    await wait_for(lambda: _running_in_inventory(f, "h1", "fragile"), 15, "the writer in h1's inventory")
+    await make_volume(f.engines["h1"], uniq("fragile"), {"big.bin": b"x" * 4000})
+    await run_once(f.engines["h1"], uniq("fragile"), "dd if=/dev/urandom of=/data/rand bs=1M count=8 2>/dev/null")
+    writer = await start_writer(f.engines["h1"], uniq("fragile"))
+    await wait_for(lambda: _running_in_inventory(f, "h1", uniq("fragile")), 15, "the writer in h1's inventory")
 
-    out = f.cli("migrate", "fragile", "--to", "h2", "--json", check=False)
+    out = f.cli("migrate", uniq("fragile"), "--to", "h2", "--json", check=False)
 
     assert out.returncode != 0, out.stdout
     error = json.loads(out.stdout)["error"]
     assert "injected fault" in error["message"] and "restore on h2" in error["message"]
     assert await container_running(f.engines["h1"], writer)  # started again
-    assert not await volume_exists(f.engines["h2"], "fragile")  # no half-restored copy left
-    assert await volume_exists(f.engines["h1"], "fragile")
-    await wait_for(lambda: _counter_above(f.engines["h1"], "fragile", 0), 10, "the writer to write again")
+    assert not await volume_exists(f.engines["h2"], uniq("fragile"))  # no half-restored copy left
+    assert await volume_exists(f.engines["h1"], uniq("fragile"))
+    await wait_for(lambda: _counter_above(f.engines["h1"], uniq("fragile"), 0), 10, "the writer to write again")
     jobs = {j["kind"]: j for j in f.cli_json("jobs", "--children")}
     assert jobs["migrate"]["phase"] == "failed" and jobs["start-containers"]["phase"] == "succeeded"
 
@@ -163,9 +165,9 @@ async def test_a_killed_worker_shows_offline_within_one_and_a_half_keepalives(fl
 async def test_a_broker_restart_mid_job_completes_the_job_exactly_once(make_fleet: MakeFleet,
                                                                        mqtt_broker: Broker) -> None:
     f = await started(make_fleet(mqtt_broker), ("h1",), VOLMOVE_WORKER_FAULTS="backup=delay:3")
-    await make_volume(f.engines["h1"], "steady", FILES)
+    await make_volume(f.engines["h1"], uniq("steady"), FILES)
     async with f.client() as api:
-        job = await api.submit("backup", "h1", {"volume": "steady"})
+        job = await api.submit("backup", "h1", {"volume": uniq("steady")})
         await wait_for(lambda: _phase_is(f, job["id"], "running"), 20, "the job to run")
     f.broker.restart(pause=1.0)
     final = await job_done(f, job["id"], within=60)
@@ -183,11 +185,11 @@ async def _phase_is(f: Fleet, job_id: str, phase: str) -> bool:
 
 async def test_fifty_concurrent_jobs_across_three_hosts_complete(fleet: Fleet) -> None:
     for host in HOSTS:
-        await make_volume(fleet.engines[host], f"many-{host}", FILES)
+        await make_volume(fleet.engines[host], uniq(f"many-{host}"), FILES)
     started_at = time.monotonic()
     async with fleet.client() as api:
-        jobs = await asyncio.gather(*(api.submit("backup", HOSTS[i % 3], {"volume": f"many-{HOSTS[i % 3]}"})
-                                      for i in range(50)))
+        jobs = await asyncio.gather(*(api.submit("backup", h, {"volume": uniq(f"many-{h}")})
+                                      for h in (HOSTS[i % 3] for i in range(50))))
         finals = await asyncio.gather(*(api.wait(j["id"]) for j in jobs))
     elapsed = time.monotonic() - started_at
     print(f"\n50 backup jobs on 3 hosts: {elapsed:.1f} s")
@@ -232,9 +234,9 @@ async def test_a_stopped_worker_says_it_is_offline_and_exits_cleanly(fleet: Flee
 
 async def test_a_service_killed_mid_job_reconciles_it_at_start_up(make_fleet: MakeFleet, mqtt_broker: Broker) -> None:
     f = await started(make_fleet(mqtt_broker), ("h1",), VOLMOVE_WORKER_FAULTS="backup=delay:3")
-    await make_volume(f.engines["h1"], "durable", FILES)
+    await make_volume(f.engines["h1"], uniq("durable"), FILES)
     async with f.client() as api:
-        job = await api.submit("backup", "h1", {"volume": "durable"})
+        job = await api.submit("backup", "h1", {"volume": uniq("durable")})
         await wait_for(lambda: _phase_is(f, job["id"], "running"), 20, "the job to run")
     assert f.service is not None
     f.service.signal(signal.SIGKILL)
