@@ -6,13 +6,16 @@ import logging
 import os
 
 import typer
+
 from volmove.cli.cmd_backup import backup
 from volmove.cli.cmd_cancel import cancel
 from volmove.cli.cmd_compare import compare
+from volmove.cli.cmd_forget import forget
 from volmove.cli.cmd_hosts import hosts
 from volmove.cli.cmd_init import init
 from volmove.cli.cmd_jobs import jobs
 from volmove.cli.cmd_migrate import migrate
+from volmove.cli.cmd_prune import prune
 from volmove.cli.cmd_restore import restore
 from volmove.cli.cmd_snapshots import snapshots
 from volmove.cli.cmd_verify import verify_cmd
@@ -33,6 +36,8 @@ app.command()(hosts)
 app.command()(jobs)
 app.command()(cancel)
 app.command()(migrate)
+app.command()(forget)
+app.command()(prune)
 
 
 def main() -> None:

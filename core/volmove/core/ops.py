@@ -23,6 +23,8 @@ from volmove.core.backup import BackupEngine, load_catalog_map
 from volmove.core.docker import DATA_PATH, ContainerRef, DockerClient, HelperContainer, MountSpec, VolumeInfo
 from volmove.core.errors import ConflictError, NotFoundError, UsageError
 from volmove.core.fswalk import DIR_FLAGS, tree_size
+from volmove.core.hooks import BackupHooks
+from volmove.core.locks import repo_lease
 from volmove.core.progress import ProgressFn, no_progress
 from volmove.core.repository import Repository
 from volmove.core.restore import Restorer, RestoreResult
@@ -98,19 +100,25 @@ async def backup_volume(docker: DockerClient, repo: Repository, req: BackupReque
                         progress: ProgressFn = no_progress) -> Snapshot:
     spec, mount = await describe_source(docker, req.volume)
     host = req.host or docker.host
-    parent = await asyncio.to_thread(_latest, repo, spec.name, host)
-    parent_map = await asyncio.to_thread(load_catalog_map, repo, parent) if parent else None
-    to_stop = await containers_to_stop(docker, spec, req.stop)
-    journal = state_dir() / f"stopped-{os.getpid()}-{spec.name.replace('/', '_')}.json"
-    started = datetime.now(UTC)
-    async with docker.stopped(to_stop, journal), docker.helper(mount, read_only=True) as helper, \
-            opened_root(helper) as fd:
-        totals = await asyncio.to_thread(tree_size, fd)
-        result = await run_cancellable(
-            lambda cancel: BackupEngine(repo, parent=parent_map, progress=progress, cancel=cancel).run(fd, totals))
-    snap = Snapshot(time=started, host=host, volume=spec, catalog=tuple(result.catalog), entries=result.entries,
-                    stats=result.stats, tags=req.tags, parent=parent.id if parent else None)
-    sid = await asyncio.to_thread(repo.save_snapshot, snap)  # the commit point
+    # Shared: backups run side by side, but never next to a prune deleting what they dedup against.
+    async with repo_lease(repo, "shared", "backup") as lease:
+        await asyncio.to_thread(repo.reload_index)  # a prune may have run since it was loaded
+        parent = await asyncio.to_thread(_latest, repo, spec.name, host)
+        parent_map = await asyncio.to_thread(load_catalog_map, repo, parent) if parent else None
+        to_stop = await containers_to_stop(docker, spec, req.stop)
+        hooks = BackupHooks(docker, await docker.containers_using(spec.name) if spec.kind == "volume" else [])
+        journal = state_dir() / f"stopped-{os.getpid()}-{spec.name.replace('/', '_')}.json"
+        started = datetime.now(UTC)
+        async with hooks.around(), docker.stopped(to_stop, journal), \
+                docker.helper(mount, read_only=True) as helper, opened_root(helper) as fd:
+            totals = await asyncio.to_thread(tree_size, fd)
+            result = await run_cancellable(
+                lambda cancel: BackupEngine(repo, parent=parent_map, progress=progress, cancel=cancel).run(fd, totals))
+        snap = Snapshot(time=started, host=host, volume=spec, catalog=tuple(result.catalog), entries=result.entries,
+                        stats=result.stats, tags=req.tags, parent=parent.id if parent else None)
+        lease.check()  # a lapsed lease means a prune may have deleted blobs this snapshot names
+        sid = await asyncio.to_thread(repo.save_snapshot, snap)  # the commit point
+    hooks.raise_post_failure(sid)
     return await asyncio.to_thread(repo.load_snapshot, sid)
 
 
@@ -300,7 +308,11 @@ async def prepare_host(docker: DockerClient, repo: Repository) -> None:
     await docker.recover_journals(state_dir())
     await docker.cleanup_helpers()
     await asyncio.to_thread(repo.storage.cleanup_incomplete, 3600.0)
-    await asyncio.to_thread(repo.adopt_orphan_packs)
+    try:
+        async with repo_lease(repo, "shared", "adopt", wait=0):  # never index a pack a prune is deleting
+            await asyncio.to_thread(repo.adopt_orphan_packs)
+    except ConflictError:
+        pass  # a prune or forget is running: adopting can wait for a later run
 
 
 async def compare_volume(docker: DockerClient, repo: Repository, volume: str, snapshot: str = "latest",

@@ -85,6 +85,22 @@ class Repository:
             for bid, ref in rows:
                 self.index.setdefault(bid, ref)
 
+    def reload_index(self) -> None:
+        """Replace the in-memory index with what storage holds now.  A prune may
+        have deleted packs since the index was loaded, and a backup must never
+        dedup against a blob whose pack is gone."""
+        fresh = Repository(self.storage, self.config)
+        fresh.load_index()
+        with self._index_lock:
+            self.index = fresh.index
+
+    def read_index_file(self, key: str) -> list[tuple[str, BlobRef]]:
+        return self._read_index(key)
+
+    def read_pack_header(self, pack_id: str, size: int) -> list[tuple[str, BlobRef]] | None:
+        """The blobs a pack's own header lists; None for a torn or foreign object."""
+        return self._read_pack_header(pack_id, size)
+
     def has_blob(self, bid: str) -> bool:
         return bid in self.index
 

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import random
 import threading
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from volmove.core.catalog import FILE, CatalogValidator, Entry, parse_entry
 from volmove.core.chunker import StreamChunker
 from volmove.core.errors import CancelledByUser, CorruptDataError, VolmoveError
-from volmove.core.format import blob_id
+from volmove.core.format import blob_id, id_from_key, is_hex_id
 from volmove.core.fswalk import FILE_FLAGS, Item, data_extents, walk
 from volmove.core.progress import Progress, ProgressFn, no_progress
 from volmove.core.repository import Repository, check_blob
@@ -26,6 +30,7 @@ class VerifyReport:
     packs_read: int = 0
     bytes_read: int = 0
     errors: list[str] = field(default_factory=list)
+    passed: list[str] = field(default_factory=list)  # snapshots checked completely (every pack, with read_data)
 
     @property
     def ok(self) -> bool:
@@ -33,23 +38,43 @@ class VerifyReport:
 
 
 def verify(repo: Repository, snapshots: Iterable[Snapshot], *, read_data: bool = False,
-           progress: ProgressFn = no_progress, cancel: threading.Event | None = None) -> VerifyReport:
+           subset: float | None = None, seed: str = "", progress: ProgressFn = no_progress,
+           cancel: threading.Event | None = None) -> VerifyReport:
     """Every catalog parses and validates and every blob it names is indexed;
-    with ``read_data`` every referenced pack is downloaded and every blob checked."""
+    with ``read_data`` every referenced pack (or a ``subset`` percent of them,
+    chosen by ``seed``) is downloaded and every blob checked."""
     report = VerifyReport()
     needed: set[str] = set()
+    packs_of: dict[str, set[str]] = {}  # snapshots whose blobs are all indexed -> their packs
     for snap in snapshots:
         report.snapshots += 1
         try:
-            needed |= _check_catalog(repo, snap, report)
+            blobs = _check_catalog(repo, snap, report)
         except VolmoveError as exc:
             report.errors.append(f"snapshot {snap.id[:8]}: {exc}")
+            continue
+        needed |= blobs
+        if all(repo.has_blob(b) for b in blobs):
+            packs_of[snap.id] = {repo.index[b].pack for b in blobs}
     missing = sorted(b for b in needed if not repo.has_blob(b))
     report.errors += [f"blob {b} is referenced but in no index" for b in missing[:20]]
     report.blobs = len(needed)
+    good: set[str] | None = None  # packs read and found intact; None: data not read
     if read_data:
-        _read_packs(repo, needed - set(missing), report, progress, cancel or threading.Event())
+        present = needed - set(missing)
+        chosen = choose_packs({repo.index[b].pack for b in present}, subset, seed)
+        good = _read_packs(repo, {b for b in present if repo.index[b].pack in chosen}, report, progress,
+                           cancel or threading.Event())
+    report.passed = [sid for sid, packs in packs_of.items() if good is None or packs <= good]
     return report
+
+
+def choose_packs(packs: set[str], subset: float | None, seed: str) -> set[str]:
+    """A deterministic-random ``subset`` percent of ``packs`` (at least one); all when None."""
+    if subset is None or not packs:
+        return packs
+    count = min(len(packs), max(1, math.ceil(len(packs) * subset / 100)))
+    return set(random.Random(seed).sample(sorted(packs), count))
 
 
 def _check_catalog(repo: Repository, snap: Snapshot, report: VerifyReport) -> set[str]:
@@ -64,7 +89,9 @@ def _check_catalog(repo: Repository, snap: Snapshot, report: VerifyReport) -> se
 
 
 def _read_packs(repo: Repository, blobs: set[str], report: VerifyReport, progress: ProgressFn,
-                cancel: threading.Event) -> None:
+                cancel: threading.Event) -> set[str]:
+    """Check every blob pack by pack; returns the packs found intact."""
+    good: set[str] = set()
     by_pack: dict[str, list[str]] = defaultdict(list)
     for bid in blobs:
         by_pack[repo.index[bid].pack].append(bid)
@@ -74,17 +101,42 @@ def _read_packs(repo: Repository, blobs: set[str], report: VerifyReport, progres
             raise CancelledByUser("verify cancelled")
         try:
             data = repo.read_pack(pack_id)
-            if blob_id(data) != pack_id:
+            intact = blob_id(data) == pack_id
+            if not intact:
                 report.errors.append(f"pack {pack_id} does not match its hash")
             for bid in bids:
                 check_blob(bid, repo.index[bid], memoryview(data)[repo.index[bid].offset:][: repo.index[bid].length])
         except CorruptDataError as exc:
             report.errors.append(str(exc))
             continue
+        if intact:
+            good.add(pack_id)
         report.packs_read += 1
         report.bytes_read += len(data)
         state.bytes_done += sum(repo.index[b].length for b in bids)
         progress(state)
+    return good
+
+
+# ---------------------------------------------------------------- verified markers
+
+VERIFIED_PREFIX = "verified/"
+
+
+def verified_key(snapshot_id: str) -> str:
+    return f"{VERIFIED_PREFIX}{snapshot_id}"
+
+
+def record_verified(repo: Repository, snapshot_id: str, how: str, now: datetime) -> None:
+    """Mark a snapshot as checked end to end (``how``: "read-data" or "restore-drill").
+    Retention never removes the newest verified snapshot of a volume."""
+    doc = {"v": 1, "snapshot": snapshot_id, "time": now.astimezone(UTC).isoformat(), "how": how}
+    # Overwritten by each later verification: the marker says when it was last checked.
+    repo.storage.put(verified_key(snapshot_id), json.dumps(doc).encode(), overwrite=True)
+
+
+def verified_ids(repo: Repository) -> set[str]:
+    return {sid for info in repo.storage.list(VERIFIED_PREFIX) if is_hex_id(sid := id_from_key(info.key))}
 
 
 # ---------------------------------------------------------------- compare
