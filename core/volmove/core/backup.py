@@ -1,11 +1,12 @@
 """The backup data path: walk a tree, chunk, deduplicate, compress, pack.
 
-Runs in a worker thread.  The walking thread lists, reads and chunks; a small
-pool hashes and compresses the chunks in batches of a few MiB (both release the
-GIL, and a few long calls per batch keep the threads from trading the GIL at
-every small file).  Batches are consumed in walk order, so the catalog and the
-packs do not depend on timing or on the number of workers.  Memory is bounded
-by the in-flight window and the packs being uploaded, not by the volume's size.
+Runs in a worker thread.  The walking thread lists, reads and chunks (a small
+file in one read, a large one a buffer at a time); a small pool hashes and
+compresses the chunks, which release the GIL, one batch of a few MiB or a few
+hundred entries per job, so per-file costs are not paid in futures and thread
+switches.  Batches are consumed in walk order, so the catalog and the packs do
+not depend on timing or on the number of workers.  Memory is bounded by the
+in-flight window and the packs being uploaded, not by the volume's size.
 """
 
 from __future__ import annotations
@@ -323,9 +324,16 @@ class ParentCatalog:
         self._advance()
 
     def get(self, path: str) -> ParentFile | None:
-        while self._head is not None and self._head[0] != path and _walk_key(self._head[0]) < _walk_key(path):
-            self._advance()
-        return self._head[1] if self._head is not None and self._head[0] == path else None
+        """``path``'s entry; paths must come in walk order."""
+        if self._head is not None and self._head[0] != path:
+            key = _walk_key(path)
+            while self._head is not None and self._head[0] != path and _walk_key(self._head[0]) < key:
+                self._advance()
+        if self._head is None or self._head[0] != path:
+            return None
+        found = self._head[1]
+        self._advance()
+        return found
 
     def _advance(self) -> None:
         """Move to the next regular file of the catalog."""
@@ -341,7 +349,7 @@ class ParentCatalog:
 
 def _walk_key(path: str) -> tuple[bytes, ...]:
     # Depth first, siblings by their byte names: the order of fswalk and of every catalog.
-    return tuple(os.fsencode(part) for part in path.split("/"))
+    return tuple(os.fsencode(path).split(b"/"))
 
 
 def _meta(entry: Entry) -> tuple[int, ...]:

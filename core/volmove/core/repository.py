@@ -266,6 +266,7 @@ class PackWriter:
     def _upload(self, parts: list[bytes], rows: list[BlobRow]) -> tuple[str, list[BlobRow]]:
         # Joining and hashing here keeps both off the thread that produces the blobs.
         data = b"".join(parts)
+        parts.clear()  # the blobs are in ``data`` now: do not hold them twice during the upload
         pack_id = blob_id(data)
         self.repo._put_once(pack_key(pack_id), data)
         return pack_id, rows
