@@ -121,10 +121,10 @@ class Fleet:
             popen = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         return Proc(name, popen, log)
 
-    def start_worker(self, host: str, **env: str) -> Proc:
+    def start_worker(self, host: str, capacity: int = 4, **env: str) -> Proc:
         if host in self.workers:
             self.workers[host].stop()  # reap the previous one (it may have been killed)
-        proc = self._spawn(f"worker-{host}", [str(BIN / "volmove-worker"), "--host", host, "--capacity", "4"],
+        proc = self._spawn(f"worker-{host}", [str(BIN / "volmove-worker"), "--host", host, "--capacity", str(capacity)],
                            self.env(DOCKER_HOST=self.engines[host], VOLMOVE_STATE_DIR=str(self.dir / "state"), **env))
         self.workers[host] = proc
         return proc
@@ -173,6 +173,12 @@ class Fleet:
         if check and out.returncode != 0:
             raise AssertionError(f"volmove {' '.join(args)} exited {out.returncode}: {out.stderr}\n{self.logs()}")
         return out
+
+    def cli_proc(self, *args: str) -> subprocess.Popen[str]:
+        """A long-running command (``jobs --watch``): stop it with terminate()."""
+        env = {**self.env(), "VOLMOVE_SERVICE": self.service_url}
+        return subprocess.Popen([str(BIN / "volmove"), *args], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
 
     def cli_json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json").stdout)

@@ -247,3 +247,45 @@ async def test_a_service_killed_mid_job_reconciles_it_at_start_up(make_fleet: Ma
     final = await job_done(f, job["id"], within=30)
     assert final["phase"] == "succeeded" and final["attempt"] == 1
     assert snapshots_tagged(f.repo, f"job={job['id']}") == [final["result"]["snapshot"]]
+
+
+async def test_a_frozen_worker_shows_offline_within_one_and_a_half_keepalives(fleet: Fleet) -> None:
+    """SIGSTOP keeps the socket open but silent, like a host that lost power or its network:
+    only the keepalive can tell, and the broker then publishes the Will."""
+    worker = fleet.workers["h1"]
+    frozen = time.monotonic()
+    worker.signal(signal.SIGSTOP)
+    try:
+        await fleet.wait_hosts(["h1"], state="offline", within=1.5 * KEEPALIVE + 1.0)
+        elapsed = time.monotonic() - frozen
+    finally:
+        worker.signal(signal.SIGCONT)
+    print(f"\nsilent worker to host offline: {elapsed:.3f} s (keepalive {KEEPALIVE} s)")
+    assert elapsed <= 1.5 * KEEPALIVE + 1.0  # the broker checks keepalives about once a second
+    await fleet.wait_hosts(["h1"])  # thawed, it reconnects and says it is online again
+
+
+async def test_cancel_stops_a_running_job_and_the_cap_holds_the_others(make_fleet: MakeFleet,
+                                                                       mqtt_broker: Broker) -> None:
+    f = make_fleet(mqtt_broker)
+    f.start_service()
+    f.start_worker("h1", capacity=2, VOLMOVE_WORKER_FAULTS="backup=delay:3")
+    await f.wait_service()
+    await f.wait_hosts(["h1"])
+    await make_volume(f.engines["h1"], uniq("capped"), FILES)
+    watch = f.cli_proc("jobs", "--watch", "--json")
+    async with f.client() as api:
+        jobs = [await api.submit("backup", "h1", {"volume": uniq("capped")}) for _ in range(4)]
+        await wait_for(lambda: _phase_is(f, jobs[0]["id"], "running"), 20, "the first job to run")
+        assert [(await api.job(j["id"]))["phase"] for j in jobs[2:]] == ["assigned", "assigned"]  # waiting
+        out = f.cli("cancel", jobs[0]["id"])
+        assert "cancel requested" in out.stdout
+        finals = [await job_done(f, j["id"]) for j in jobs]
+    assert [j["phase"] for j in finals] == ["cancelled", "succeeded", "succeeded", "succeeded"]
+    assert snapshots_tagged(f.repo, f"job={jobs[0]['id']}") == []
+    starts = sorted(j["started_at"] for j in finals[1:])
+    assert starts[2] - starts[0] >= 2.5  # the third started only when a slot was free
+    watch.terminate()
+    lines = [json.loads(line) for line in watch.communicate(timeout=10)[0].splitlines() if line.strip()]
+    seen = {(d["id"], d["phase"]) for d in lines}
+    assert (jobs[0]["id"], "cancelled") in seen and (jobs[3]["id"], "succeeded") in seen
