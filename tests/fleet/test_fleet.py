@@ -25,6 +25,9 @@ from tests.fleet.harness import (
     volume_exists,
     wait_for,
 )
+from volmove.core.fleet import protocol as P
+from volmove.core.fleet.mqtt import BrokerConfig, Link
+from volmove.core.fleet.topics import Topics
 from volmove.core.repository import Repository
 from volmove.core.storage import open_storage
 
@@ -289,3 +292,39 @@ async def test_cancel_stops_a_running_job_and_the_cap_holds_the_others(make_flee
     lines = [json.loads(line) for line in watch.communicate(timeout=10)[0].splitlines() if line.strip()]
     seen = {(d["id"], d["phase"]) for d in lines}
     assert (jobs[0]["id"], "cancelled") in seen and (jobs[3]["id"], "succeeded") in seen
+
+
+async def test_a_redelivered_job_is_answered_again_but_never_run_twice(make_fleet: MakeFleet,
+                                                                       mqtt_broker: Broker) -> None:
+    f = make_fleet(mqtt_broker)
+    f.start_worker("h1")
+    await make_volume(f.engines["h1"], uniq("twice"), FILES)
+    results: list[P.JobResult] = []
+    online = asyncio.Event()
+
+    async def on_message(_topic: str, payload: bytes, _retain: bool) -> None:
+        msg = P.decode(payload)
+        if isinstance(msg, P.JobResult):
+            results.append(msg)
+        if isinstance(msg, P.Status) and msg.state == "online":
+            online.set()
+
+    topics = Topics()
+    link = Link(BrokerConfig.from_url(mqtt_broker.url), "test-sender", on_message=on_message,
+                subscriptions=[topics.events("h1"), topics.status("h1")])
+    run = P.RunJob("jtwice00001", 1, "backup", P.BackupParams(uniq("twice")), time.time() + 60)
+    async with asyncio.TaskGroup() as tg:
+        session = tg.create_task(link.run())
+        await asyncio.wait_for(online.wait(), 20)  # the worker is subscribed
+        for _ in range(3):  # as a broker redelivering, or a service re-sending, would
+            await link.publish(topics.cmd("h1"), P.encode(run))
+        await wait_for(lambda: _at_least(results, 1), 30, "the result")
+        await link.publish(topics.cmd("h1"), P.encode(run))  # once more after it ended
+        await wait_for(lambda: _at_least(results, 2), 10, "the stored result again")
+        session.cancel()
+    assert {r.outcome for r in results} == {"succeeded"} and len({r.result["snapshot"] for r in results}) == 1
+    assert len(snapshots_tagged(f.repo, "job=jtwice00001")) == 1
+
+
+async def _at_least(items: list[Any], n: int) -> bool:
+    return len(items) >= n
