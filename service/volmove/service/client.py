@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import aiohttp
+
 from volmove.core import errors as E
 
 JSON = dict[str, Any]
