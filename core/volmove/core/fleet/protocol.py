@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar
 
 from volmove.core.errors import VolmoveError
+from volmove.core.policy.retention import parse_duration
 
 VERSION = 1
 MAX_PAYLOAD = 4 << 20  # inventories of large hosts fit; anything bigger is refused
@@ -160,11 +161,58 @@ class StartContainersParams:
         return cls(tuple(name(c, "container") for c in raw))
 
 
+@dataclass(frozen=True)
+class DrillParams:
+    """Restore the latest snapshot into a scratch volume, compare it with the catalog, remove it."""
+
+    kind: ClassVar[str] = "drill"
+    volume: str
+    snapshot: str = "latest"
+    from_host: str | None = None  # whose snapshots; default any host's
+
+    @classmethod
+    def parse(cls, d: Mapping[str, Any]) -> DrillParams:
+        return cls(name(d.get("volume"), "volume"), _snapshot(d.get("snapshot", "latest")), _opt_name(d, "from_host"))
+
+
+KEEP_COUNTS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
+
+
+@dataclass(frozen=True)
+class ForgetParams:
+    """Apply retention to one volume's snapshots (of one host when given)."""
+
+    kind: ClassVar[str] = "forget"
+    volume: str
+    host: str | None = None
+    keep_last: int = 0
+    keep_hourly: int = 0
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
+    keep_yearly: int = 0
+    keep_within: str = ""
+
+    @classmethod
+    def parse(cls, d: Mapping[str, Any]) -> ForgetParams:
+        counts = {k: _get(d, k, int, 0) for k in KEEP_COUNTS}
+        if any(not 0 <= n <= 100_000 for n in counts.values()):
+            raise ProtocolError("keep counts must be between 0 and 100000")
+        within = _get(d, "keep_within", str, "")
+        try:
+            _ = parse_duration(within) if within else None
+        except VolmoveError as exc:
+            raise ProtocolError(str(exc)) from None
+        if not any(counts.values()) and not within:
+            raise ProtocolError("forget needs at least one keep rule")
+        return cls(name(d.get("volume"), "volume"), _opt_name(d, "host"), **counts, keep_within=within)
+
+
 JobParams = (BackupParams | RestoreParams | VerifyParams | RemoveVolumeParams | StopContainersParams
-             | StartContainersParams)
+             | StartContainersParams | DrillParams | ForgetParams)
 PARAMS: dict[str, Any] = {
     p.kind: p for p in (BackupParams, RestoreParams, VerifyParams, RemoveVolumeParams, StopContainersParams,
-                        StartContainersParams)
+                        StartContainersParams, DrillParams, ForgetParams)
 }
 WORKER_KINDS = frozenset(PARAMS)
 
@@ -277,6 +325,7 @@ class VolumeEntry:
     labels: dict[str, str]
     containers: tuple[str, ...]
     running: tuple[str, ...]
+    container_schedules: tuple[str, ...] = ()  # volmove.schedule labels of the containers using it
 
     @classmethod
     def parse(cls, d: object) -> VolumeEntry:
@@ -286,7 +335,14 @@ class VolumeEntry:
         if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
             raise ProtocolError("volume labels must map strings to strings")
         return cls(name(d.get("name"), "volume"), _get(d, "driver", str, ""), _get(d, "size", int, -1),
-                   dict(labels), _names(d.get("containers", [])), _names(d.get("running", [])))
+                   dict(labels), _names(d.get("containers", [])), _names(d.get("running", [])),
+                   _label_values(d.get("container_schedules", [])))
+
+
+def _label_values(raw: object) -> tuple[str, ...]:
+    if not isinstance(raw, list) or len(raw) > 100 or not all(isinstance(v, str) and len(v) <= 200 for v in raw):
+        raise ProtocolError("container_schedules must be a list of short strings")
+    return tuple(raw)
 
 
 def _names(raw: object) -> tuple[str, ...]:
