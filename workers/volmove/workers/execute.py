@@ -17,6 +17,8 @@ from volmove.core.docker import ContainerRef, DockerClient
 from volmove.core.errors import ConflictError, NotFoundError
 from volmove.core.fleet.protocol import (
     BackupParams,
+    DrillParams,
+    ForgetParams,
     JobParams,
     RemoveVolumeParams,
     RestoreParams,
@@ -28,6 +30,7 @@ from volmove.core.ops import BackupRequest, RestoreRequest, backup_volume, compa
 from volmove.core.progress import ProgressFn
 from volmove.core.repository import Repository
 from volmove.core.storage import open_storage
+from volmove.workers import scheduled
 
 JSON = dict[str, Any]
 MAX_DIFFERENCES = 50
@@ -133,6 +136,8 @@ RUNNERS: dict[type, Callable[[JobContext, Any], Awaitable[JSON]]] = {
     RemoveVolumeParams: remove_volume,
     StopContainersParams: stop_containers,
     StartContainersParams: start_containers,
+    DrillParams: scheduled.drill,
+    ForgetParams: scheduled.forget,
 }
 
 

@@ -15,7 +15,8 @@ import aiohttp
 from volmove.core.docker import DockerClient
 from volmove.core.errors import UnreachableError, VolmoveError
 from volmove.core.fleet.protocol import Inventory, VolumeEntry
-from volmove.core.ops import list_volume_rows
+from volmove.core.fleet.schedule import SCHEDULE_LABEL
+from volmove.core.ops import VolumeRow, list_volume_rows
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,17 @@ Publish = Callable[[Inventory], Awaitable[None]]
 
 async def build(docker: DockerClient, host: str) -> Inventory:
     rows = await list_volume_rows(docker, None, datetime.now(UTC))
-    volumes = tuple(VolumeEntry(r.name, r.driver, r.size, dict(r.labels), r.containers, r.running) for r in rows)
-    return Inventory(host, time.time(), volumes)
+    volumes = [VolumeEntry(r.name, r.driver, r.size, dict(r.labels), r.containers, r.running,
+                           await _container_schedules(docker, r)) for r in rows]
+    return Inventory(host, time.time(), tuple(volumes))
+
+
+async def _container_schedules(docker: DockerClient, row: VolumeRow) -> tuple[str, ...]:
+    """The schedule labels of the volume's containers: the service selects volumes by them."""
+    if not row.containers:
+        return ()
+    users = await docker.containers_using(row.name)
+    return tuple(sorted({u.labels[SCHEDULE_LABEL] for u in users if u.labels.get(SCHEDULE_LABEL)}))
 
 
 def relevant(event: object) -> bool:
