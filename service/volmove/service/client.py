@@ -107,6 +107,19 @@ class ServiceClient:
         body = {"volume": volume, "to": to, "from": source, "force": force, "remove_source": remove_source}
         return dict(await self._call("POST", "/v1/migrations", body))
 
+    async def schedules(self) -> list[JSON]:
+        return list((await self._call("GET", "/v1/schedules"))["schedules"])
+
+    async def add_schedule(self, doc: JSON) -> JSON:
+        return dict(await self._call("POST", "/v1/schedules", doc))
+
+    async def remove_schedule(self, name: str) -> JSON:
+        return dict(await self._call("DELETE", f"/v1/schedules/{name}"))
+
+    async def run_schedule(self, name: str) -> list[JSON]:
+        """Start a schedule's jobs now; per target the job id, or why it was not started."""
+        return list((await self._call("POST", f"/v1/schedules/{name}/run"))["targets"])
+
     async def watch(self, job_id: str | None = None) -> AsyncIterator[JSON]:
         """Job documents as they change (only ``job_id`` and its children when given)."""
         params = {"job": job_id} if job_id else None

@@ -27,6 +27,7 @@ from volmove.core.fleet.jobs import Timing
 from volmove.core.fleet.mqtt import Backoff, BrokerConfig, Link
 from volmove.core.fleet.topics import DEFAULT_PREFIX, Topics
 from volmove.service.api import Api
+from volmove.service.automation import Automation, AutomationConfig, add_arguments, automation_config
 from volmove.service.engine import Engine, Incoming, Tick
 from volmove.service.store import Store
 
@@ -45,6 +46,7 @@ class ServiceConfig:
     tick: float = 0.5
     token: str | None = None
     backoff: Backoff = field(default_factory=Backoff)
+    automation: AutomationConfig = field(default_factory=AutomationConfig)
 
 
 class Service:
@@ -58,24 +60,29 @@ class Service:
             subscriptions=[self.topics.all_hosts(k) for k in ("status", "inventory", "events")],
         )
         self.port = cfg.listen_port  # the bound port (useful with port 0)
+        self.automation = Automation(self.engine, cfg.db, cfg.automation, lambda: self.link.connected.is_set())
 
     async def _on_message(self, topic: str, payload: bytes, _retain: bool) -> None:
         await self.engine.inbox.put(Incoming(topic, payload))
 
     async def run(self) -> None:
         await self.engine.load()
+        await self.automation.load()
         runner = await self._start_http()
         try:
             async with asyncio.TaskGroup() as tg:
                 for name, coro in (("mqtt", self.link.run()), ("engine", self.engine.run()),
-                                   ("tick", self._tick()), ("publisher", self._publisher())):
+                                   ("tick", self._tick()), ("publisher", self._publisher()),
+                                   *self.automation.tasks()):
                     tg.create_task(_forever(name, coro), name=name)
         finally:
             await asyncio.shield(runner.cleanup())
+            self.automation.close()
             self.store.close()
 
     async def _start_http(self) -> web.AppRunner:
         app = Api(self.engine, self.link.connected.is_set).app(self.cfg.token)
+        self.automation.register(app)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, self.cfg.listen_host, self.cfg.listen_port)
@@ -136,6 +143,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ack-timeout", type=float, default=float(env("VOLMOVE_ACK_TIMEOUT") or 5.0),
                    help="seconds before a job a worker has not confirmed is sent again")
     p.add_argument("--max-backoff", type=float, default=float(env("VOLMOVE_MAX_BACKOFF") or 30.0))
+    add_arguments(p)
     return p
 
 
@@ -152,7 +160,7 @@ def config(args: argparse.Namespace) -> ServiceConfig:
     return ServiceConfig(broker=broker, db=Path(args.db), listen_host=host or "127.0.0.1", listen_port=int(port),
                          prefix=args.topic_prefix, timing=Timing(ack_timeout=args.ack_timeout),
                          token=os.environ.get("VOLMOVE_SERVICE_TOKEN") or None,
-                         backoff=Backoff(maximum=args.max_backoff))
+                         backoff=Backoff(maximum=args.max_backoff), automation=automation_config(args))
 
 
 async def serve(cfg: ServiceConfig) -> None:
