@@ -78,7 +78,14 @@ def test_batching_and_read_sizes_do_not_change_the_catalog(mixed_tree: Path, mon
     monkeypatch.setattr(backup, "BATCH_ENTRIES", 3)
     monkeypatch.setattr(backup, "WINDOW_BYTES", 1 << 20)
     monkeypatch.setattr(backup, "SMALL_FILE", 40_000)
-    assert run_engine(new_repo(MemoryStorage()), mixed_tree).catalog == first.catalog
+    monkeypatch.setattr(backup, "SMALL_CHUNK", 1)
+    monkeypatch.setattr(backup, "_MULTI_COMPRESS", not backup._MULTI_COMPRESS)
+    repo = new_repo(MemoryStorage())
+    second = run_engine(repo, mixed_tree)
+    assert second.catalog == first.catalog
+    assert second.stats.stored_bytes == first.stats.stored_bytes
+    entry = next(parse_entry(line) for line in _lines(repo, second.catalog) if b'"p":"big-text"' in line)
+    assert len(b"".join(repo.read_blob(c) for c in entry.chunks)) == entry.size
 
 
 def test_incremental_backup_writes_the_same_catalog_as_a_full_one(mixed_tree: Path, tmp_path: Path) -> None:

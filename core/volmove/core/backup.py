@@ -34,6 +34,7 @@ from volmove.core.snapshot import Snapshot, SnapshotStats
 
 READ_SIZE = 4 << 20
 SMALL_FILE = 1 << 20  # read in one call and chunked at once
+SMALL_CHUNK = 64 << 10  # hashed by the walking thread, see _add_chunks
 BATCH_BYTES = 4 << 20
 BATCH_ENTRIES = 256
 WINDOW_BYTES = 48 << 20
@@ -41,6 +42,8 @@ WINDOW_BATCHES = 64  # bounds the entries held when files are tiny or unchanged
 CATALOG_FLUSH = 1 << 20
 ZSTD_LEVEL = 3
 BlobResult = tuple[str, bytes | None, int]  # id, compressed data unless already stored, raw length
+# One call compresses a whole batch (C backend; marked experimental, hence the fallback).
+_MULTI_COMPRESS = "multi_compress_to_buffer" in zstandard.backend_features
 _FILE_KEYS = frozenset({"p", "t", "m", "u", "g", "mt", "s", "c", "h", "i", "ct", "e", "x"})
 
 
@@ -64,6 +67,7 @@ class _Batch:
 
     owners: list[Entry] = field(default_factory=list)
     chunks: list[memoryview] = field(default_factory=list)
+    ids: list[str | None] = field(default_factory=list)  # None: not hashed yet
     entries: list[Entry | bytes] = field(default_factory=list)  # bytes: a line reused from the parent
     nbytes: int = 0
     future: Future[list[BlobResult]] | None = None
@@ -180,10 +184,13 @@ class BackupEngine:
             entry.size = size  # the file may have changed since it was listed
 
     def _add_chunks(self, entry: Entry, chunks: Iterable[memoryview]) -> None:
+        # Small chunks are hashed here: in a worker, each hash would hand the GIL over and
+        # take it back, and a thread switch costs more than hashing a small file.
         batch = self.batch
         for chunk in chunks:
             batch.owners.append(entry)
             batch.chunks.append(chunk)
+            batch.ids.append(blob_id(chunk) if len(chunk) < SMALL_CHUNK else None)
             batch.nbytes += len(chunk)
         if batch.nbytes >= BATCH_BYTES:
             self._queue_batch()
@@ -191,20 +198,27 @@ class BackupEngine:
     def _queue_batch(self) -> None:
         batch, self.batch = self.batch, _Batch()
         if batch.chunks:
-            batch.future = self.pool.submit(self._hash_compress, batch.chunks)
+            batch.future = self.pool.submit(self._hash_compress, batch.chunks, batch.ids)
         if batch.chunks or batch.entries:
             self.queue.append(batch)
             self.in_flight += batch.nbytes
             self._drain()
 
-    def _hash_compress(self, chunks: list[memoryview]) -> list[BlobResult]:
-        """In the pool."""
-        out = []
-        for chunk in chunks:
-            bid = blob_id(chunk)
-            compressed = None if self.repo.has_blob(bid) else self._tls.zstd.compress(chunk)
-            out.append((bid, compressed, len(chunk)))
-        return out
+    def _hash_compress(self, chunks: list[memoryview], ids: list[str | None]) -> list[BlobResult]:
+        """In the pool: the chunks' ids, and the chunks the repository lacks compressed."""
+        bids = [bid or blob_id(chunk) for bid, chunk in zip(ids, chunks, strict=True)]
+        new = [i for i, bid in enumerate(bids) if not self.repo.has_blob(bid)]
+        compressed: list[bytes | None] = [None] * len(chunks)
+        for i, data in zip(new, self._compress_all([chunks[i] for i in new]), strict=True):
+            compressed[i] = data
+        return [(bid, data, len(chunk)) for bid, data, chunk in zip(bids, compressed, chunks, strict=True)]
+
+    def _compress_all(self, chunks: list[bytes | bytearray | memoryview]) -> list[bytes]:
+        zstd = self._tls.zstd
+        if _MULTI_COMPRESS and chunks:  # the GIL is released once for the batch, not once per chunk
+            frames = zstd.multi_compress_to_buffer(chunks)
+            return [frames[i].tobytes() for i in range(len(frames))]
+        return [zstd.compress(chunk) for chunk in chunks]
 
     def _drain(self, everything: bool = False) -> None:
         """Consume finished batches in order, waiting while the window is full."""

@@ -257,14 +257,14 @@ class PackWriter:
     def flush(self) -> None:
         if not self.rows:
             return
-        self.parts.append(encode_pack_header(self.rows))
         parts, rows = self.parts, self.rows
         self.parts, self.rows, self.size = [], [], 0
         self._wait(PACK_UPLOADS_IN_FLIGHT - 1)  # bounds memory: at most this many packs buffered
         self._uploads.append(self._pool.submit(self._upload, parts, rows))
 
     def _upload(self, parts: list[bytes], rows: list[BlobRow]) -> tuple[str, list[BlobRow]]:
-        # Joining and hashing here keeps both off the thread that produces the blobs.
+        # The header, joining and hashing are done here, off the thread that produces the blobs.
+        parts.append(encode_pack_header(rows))
         data = b"".join(parts)
         parts.clear()  # the blobs are in ``data`` now: do not hold them twice during the upload
         pack_id = blob_id(data)
