@@ -17,6 +17,8 @@ from volmove.cli.cmd_jobs import jobs
 from volmove.cli.cmd_migrate import migrate
 from volmove.cli.cmd_prune import prune
 from volmove.cli.cmd_restore import restore
+from volmove.cli.cmd_schedule import schedule_app
+from volmove.cli.cmd_serve import serve
 from volmove.cli.cmd_snapshots import snapshots
 from volmove.cli.cmd_verify import verify_cmd
 from volmove.cli.cmd_volumes import volumes
@@ -36,6 +38,8 @@ app.command()(hosts)
 app.command()(jobs)
 app.command()(cancel)
 app.command()(migrate)
+app.add_typer(schedule_app, name="schedule")
+app.command()(serve)
 app.command()(forget)
 app.command()(prune)
 
