@@ -6,6 +6,7 @@ import asyncio
 from typing import Annotated, Any
 
 import typer
+
 from volmove.cli.cmd_jobs import ServiceOpt, remote_backup
 from volmove.cli.common import (
     DockerOpt,

@@ -6,6 +6,7 @@ import asyncio
 from typing import Annotated
 
 import typer
+
 from volmove.cli.cmd_jobs import ServiceOpt, remote_restore
 from volmove.cli.common import DockerOpt, JsonOpt, RepoOpt, emit_json, human_bytes, open_repo, progress_bar, run, stdout
 from volmove.core.docker import DockerClient

@@ -6,6 +6,7 @@ import asyncio
 from typing import Annotated
 
 import typer
+
 from volmove.cli.common import JsonOpt, RepoOpt, emit_json, human_bytes, open_repo, run, table
 from volmove.core.snapshot import Snapshot
 

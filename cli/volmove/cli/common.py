@@ -22,6 +22,7 @@ from rich.progress import (
 )
 from rich.progress import Progress as Bar
 from rich.table import Table
+
 from volmove.core.errors import VolmoveError
 from volmove.core.progress import Progress, ProgressFn, no_progress
 from volmove.core.repository import Repository

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zstandard
+
 from volmove.core.errors import CorruptDataError, RepositoryError
 
 FORMAT_VERSION = 1

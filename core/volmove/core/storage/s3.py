@@ -31,6 +31,7 @@ from botocore.exceptions import (
     ResponseStreamingError,
     SSLError,
 )
+
 from volmove.core.errors import (
     AuthError,
     ConflictError,
