@@ -1,12 +1,14 @@
 """The backup data path: walk a tree, chunk, deduplicate, compress, pack.
 
 Runs in a worker thread.  The walking thread lists, reads and chunks (a small
-file in one read, a large one a buffer at a time); a small pool hashes and
-compresses the chunks, which release the GIL, one batch of a few MiB or a few
-hundred entries per job, so per-file costs are not paid in futures and thread
-switches.  Batches are consumed in walk order, so the catalog and the packs do
-not depend on timing or on the number of workers.  Memory is bounded by the
-in-flight window and the packs being uploaded, not by the volume's size.
+file in one read, a large one a buffer at a time) and hashes small chunks; a
+small pool hashes the rest and compresses, one batch of a few MiB or a few
+hundred entries per job.  Hashing and compression release the GIL, and batches
+keep per-file costs out of futures and thread switches.  Batches are consumed
+in walk order, so the catalog and the packs do not depend on timing or on the
+number of workers.  Memory is bounded by the in-flight window and the packs
+being uploaded, not by the volume's size (only the ids of the blobs a run adds
+grow with it); the parent snapshot's catalog is streamed, not loaded.
 """
 
 from __future__ import annotations
@@ -129,10 +131,14 @@ class BackupEngine:
         entry = item.entry
         kind = "files" if entry.type == FILE else "dirs" if entry.type == DIR else "other"
         self.counts[kind] += 1
-        line = self._reuse_parent(entry) if entry.type == FILE else None
-        if line is None and entry.type == FILE and not self._read_file(item):
-            return
-        self.batch.entries.append(entry if line is None else line)
+        record: Entry | bytes = entry
+        if entry.type == FILE:
+            reused = self._reuse_parent(entry)
+            if reused is not None:
+                record = reused
+            elif not self._read_file(item):
+                return  # vanished since it was listed
+        self.batch.entries.append(record)
         if len(self.batch.entries) >= BATCH_ENTRIES:
             self._queue_batch()
 
