@@ -111,7 +111,7 @@ async def backup_volume(docker: DockerClient, repo: Repository, req: BackupReque
         started = datetime.now(UTC)
         async with hooks.around(), docker.stopped(to_stop, journal), \
                 docker.helper(mount, read_only=True) as helper, opened_root(helper) as fd:
-            totals = await asyncio.to_thread(tree_size, fd)
+            totals = await _progress_totals(fd, parent, progress)
             result = await run_cancellable(
                 lambda cancel: BackupEngine(repo, parent=parent_map, progress=progress, cancel=cancel).run(fd, totals))
         snap = Snapshot(time=started, host=host, volume=spec, catalog=tuple(result.catalog), entries=result.entries,
@@ -120,6 +120,17 @@ async def backup_volume(docker: DockerClient, repo: Repository, req: BackupReque
         sid = await asyncio.to_thread(repo.save_snapshot, snap)  # the commit point
     hooks.raise_post_failure(sid)
     return await asyncio.to_thread(repo.load_snapshot, sid)
+
+
+async def _progress_totals(fd: int, parent: Snapshot | None,
+                           progress: ProgressFn) -> tuple[int, int] | None:
+    """Totals for the progress bar and ETA: nothing when no one watches, the parent
+    snapshot's size as an estimate, else a stat-only walk (one more pass over the tree)."""
+    if progress is no_progress:
+        return None
+    if parent is not None:
+        return parent.stats.files, parent.stats.bytes
+    return await asyncio.to_thread(tree_size, fd)
 
 
 def _has_entries(fd: int) -> bool:
