@@ -4,6 +4,7 @@ archive-endpoint path is used instead, and must give the same volume."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -91,5 +92,30 @@ async def test_restore_onto_a_remote_engine(remote_engine: str, docker_client: D
             assert _without_root_mtime(got) == _without_root_mtime(want) and "setuid" in got
             proc = await acli("restore", src, "-H", remote_engine, repo=repo, check=4)
             assert "not empty" in one_line_error(proc)
+        finally:
+            await remote.remove_volume(src, force=True)
+
+
+async def test_backup_from_a_remote_engine(remote_engine: str, docker_client: DockerClient,
+                                           make_volume: MakeVolume, tmp_path: Path) -> None:
+    """Read through the archive endpoint; restoring locally gives the same volume back."""
+    repo = tmp_path / "repo"
+    await acli("init", repo=repo)
+    src = await make_volume()
+    await fill(docker_client, src, _tree)
+    await acli("backup", src, repo=repo)
+    async with DockerClient.connect(remote_engine) as remote:
+        await remote.ensure_helper_image()
+        try:
+            await acli("restore", src, "-H", remote_engine, repo=repo)  # put it on the remote engine
+            out = await acli("backup", src, "-H", remote_engine, "--json", "--tag", "remote", repo=repo)
+            stats = json.loads(out.stdout)[0]["stats"]
+            assert stats["files"] == 2 and stats["new_bytes"] == 0  # same content, same chunks
+            copy = await make_volume()
+            snap = json.loads(out.stdout)[0]["id"]
+            await acli("restore", src, "--snapshot", snap, "--as", copy, "--force", repo=repo)
+            want = await asyncio.to_thread(listing, docker_client.url, src)
+            got = await asyncio.to_thread(listing, docker_client.url, copy)
+            assert _without_root_mtime(got) == _without_root_mtime(want)
         finally:
             await remote.remove_volume(src, force=True)

@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -46,6 +46,7 @@ ZSTD_LEVEL = 3
 BlobResult = tuple[str, bytes | None, int]  # id, compressed data unless already stored, raw length
 # One call compresses a whole batch (C backend; marked experimental, hence the fallback).
 _MULTI_COMPRESS = "multi_compress_to_buffer" in zstandard.backend_features
+SourceEntry = tuple[Entry, Iterable[bytes] | None]  # an entry and, for a file, its content
 _FILE_KEYS = frozenset({"p", "t", "m", "u", "g", "mt", "s", "c", "h", "i", "ct", "e", "x"})
 
 
@@ -101,13 +102,27 @@ class BackupEngine:
         self._last_report = 0.0
 
     def run(self, root_fd: int, totals: tuple[int, int] | None = None) -> BackupResult:
+        """Back up the tree below an open directory descriptor."""
+        def add_all() -> None:
+            for item in walk(root_fd, file_xattrs=False):  # read through the file's descriptor instead
+                self._check_cancel()
+                self._add(item)
+        return self._run(add_all, totals)
+
+    def run_stream(self, items: Iterable[SourceEntry], totals: tuple[int, int] | None = None) -> BackupResult:
+        """Back up entries that arrive with their content (a tar from a remote engine), in catalog order."""
+        def add_all() -> None:
+            for entry, data in items:
+                self._check_cancel()
+                self._add_streamed(entry, data)
+        return self._run(add_all, totals)
+
+    def _run(self, add_all: Callable[[], None], totals: tuple[int, int] | None) -> BackupResult:
         started = time.monotonic()
         if totals:
             self.progress.files_total, self.progress.bytes_total = totals
         try:
-            for item in walk(root_fd, file_xattrs=False):  # read through the file's descriptor instead
-                self._check_cancel()
-                self._add(item)
+            add_all()
             self._queue_batch()
             self._drain(everything=True)
             catalog = self.catalog.finish()
@@ -122,6 +137,21 @@ class BackupEngine:
         stats = SnapshotStats(**self.counts, stored_bytes=self.packs.stored_bytes,
                               duration=round(time.monotonic() - started, 3))
         return BackupResult(catalog, self.catalog.entries, stats, self.warnings)
+
+    def _add_streamed(self, entry: Entry, data: Iterable[bytes] | None) -> None:
+        self.counts["files" if entry.type == FILE else "dirs" if entry.type == DIR else "other"] += 1
+        if entry.type == FILE:
+            chunker = StreamChunker(self.params)
+            entry.size = 0
+            for piece in data or ():
+                entry.size += len(piece)
+                self._add_chunks(entry, chunker.feed(piece))
+            self._add_chunks(entry, chunker.finish())
+            self.counts["bytes"] += entry.size
+            self.progress.files_done += 1
+        self.batch.entries.append(entry)
+        if len(self.batch.entries) >= BATCH_ENTRIES:
+            self._queue_batch()
 
     def _check_cancel(self) -> None:
         if self.cancel.is_set():

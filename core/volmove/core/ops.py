@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from volmove.core.backup import BackupEngine, load_catalog_map
+from volmove.core.backup import BackupEngine, BackupResult, ParentCatalog, load_catalog_map
 from volmove.core.docker import DATA_PATH, ContainerRef, DockerClient, HelperContainer, MountSpec, VolumeInfo
 from volmove.core.errors import ConflictError, NotFoundError, UsageError
 from volmove.core.fswalk import DIR_FLAGS, tree_size
@@ -29,6 +29,7 @@ from volmove.core.progress import ProgressFn, no_progress
 from volmove.core.repository import Repository
 from volmove.core.restore import Restorer, RestoreResult
 from volmove.core.snapshot import Snapshot, VolumeSpec
+from volmove.core.tarsource import Pipe, tar_entries
 from volmove.core.tarstream import snapshot_tar
 from volmove.core.verify import CompareReport, compare_tree
 
@@ -110,16 +111,47 @@ async def backup_volume(docker: DockerClient, repo: Repository, req: BackupReque
         journal = state_dir() / f"stopped-{os.getpid()}-{spec.name.replace('/', '_')}.json"
         started = datetime.now(UTC)
         async with hooks.around(), docker.stopped(to_stop, journal), \
-                docker.helper(mount, read_only=True) as helper, opened_root(helper) as fd:
-            totals = await _progress_totals(fd, parent, progress)
-            result = await run_cancellable(
-                lambda cancel: BackupEngine(repo, parent=parent_map, progress=progress, cancel=cancel).run(fd, totals))
+                docker.helper(mount, read_only=True) as helper:
+            result = await _read_volume(docker, repo, helper, parent, parent_map, progress)
         snap = Snapshot(time=started, host=host, volume=spec, catalog=tuple(result.catalog), entries=result.entries,
                         stats=result.stats, tags=req.tags, parent=parent.id if parent else None)
         lease.check()  # a lapsed lease means a prune may have deleted blobs this snapshot names
         sid = await asyncio.to_thread(repo.save_snapshot, snap)  # the commit point
     hooks.raise_post_failure(sid)
     return await asyncio.to_thread(repo.load_snapshot, sid)
+
+
+async def _read_volume(docker: DockerClient, repo: Repository, helper: HelperContainer, parent: Snapshot | None,
+                       parent_map: ParentCatalog | None, progress: ProgressFn) -> BackupResult:
+    if helper.root is None:
+        return await _read_remote(docker, repo, helper, progress)
+    async with opened_root(helper) as fd:
+        totals = await _progress_totals(fd, parent, progress)
+        return await run_cancellable(
+            lambda cancel: BackupEngine(repo, parent=parent_map, progress=progress, cancel=cancel).run(fd, totals))
+
+
+async def _read_remote(docker: DockerClient, repo: Repository, helper: HelperContainer,
+                       progress: ProgressFn) -> BackupResult:
+    """A remote engine: parse the tar of the helper's /data as it streams in."""
+    pipe = Pipe()
+
+    async def pump() -> None:
+        async for chunk in docker.get_archive_stream(helper.id, DATA_PATH):
+            if pipe.aborted.is_set():
+                return
+            await asyncio.to_thread(pipe.put, chunk)
+        await asyncio.to_thread(pipe.put, None)  # only a complete stream is ended normally
+
+    pumping = asyncio.ensure_future(pump())
+    try:
+        result = await run_cancellable(
+            lambda cancel: BackupEngine(repo, progress=progress, cancel=cancel).run_stream(tar_entries(pipe)))
+    finally:
+        pipe.aborted.set()
+        await asyncio.wait([pumping])
+    pumping.result()  # a broken stream must fail the backup before anything is committed
+    return result
 
 
 async def _progress_totals(fd: int, parent: Snapshot | None,
