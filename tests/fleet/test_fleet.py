@@ -252,6 +252,11 @@ async def test_a_service_killed_mid_job_reconciles_it_at_start_up(make_fleet: Ma
     assert snapshots_tagged(f.repo, f"job={job['id']}") == [final["result"]["snapshot"]]
 
 
+# The broker checks keepalives about once a second, and the service must then process the Will;
+# on a loaded 2-core machine that has taken up to ~1.5 s beyond 1.5x the keepalive.
+SLACK = 2.0
+
+
 async def test_a_frozen_worker_shows_offline_within_one_and_a_half_keepalives(fleet: Fleet) -> None:
     """SIGSTOP keeps the socket open but silent, like a host that lost power or its network:
     only the keepalive can tell, and the broker then publishes the Will."""
@@ -259,12 +264,12 @@ async def test_a_frozen_worker_shows_offline_within_one_and_a_half_keepalives(fl
     frozen = time.monotonic()
     worker.signal(signal.SIGSTOP)
     try:
-        await fleet.wait_hosts(["h1"], state="offline", within=1.5 * KEEPALIVE + 1.0)
+        await fleet.wait_hosts(["h1"], state="offline", within=1.5 * KEEPALIVE + SLACK)
         elapsed = time.monotonic() - frozen
     finally:
         worker.signal(signal.SIGCONT)
     print(f"\nsilent worker to host offline: {elapsed:.3f} s (keepalive {KEEPALIVE} s)")
-    assert elapsed <= 1.5 * KEEPALIVE + 1.0  # the broker checks keepalives about once a second
+    assert elapsed <= 1.5 * KEEPALIVE + SLACK
     await fleet.wait_hosts(["h1"])  # thawed, it reconnects and says it is online again
 
 
