@@ -293,3 +293,24 @@ async def test_volumes_lists_users_and_last_backup(docker_client: DockerClient, 
     assert not rows[used]["dangling"] and rows[dangling]["dangling"]
     assert rows[used]["last_backup"] is not None and 0 <= rows[used]["age_seconds"] < 600
     assert rows[dangling]["last_backup"] is None
+
+
+async def test_containers_stopped_by_a_killed_run_are_restarted_by_the_next(
+        docker_client: DockerClient, make_volume: MakeVolume, make_container: MakeContainer, repo: Path,
+        tmp_path: Path) -> None:
+    vol = await make_volume()
+    await fill(docker_client, vol, _big_volume_writer)
+    ctr = await make_container([vol])
+    env = {**os.environ, "VOLMOVE_REPO": str(repo), "VOLMOVE_STATE_DIR": str(tmp_path / "state")}
+    proc = spawn([VOLMOVE, "backup", vol, "--stop"], env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while (await docker_client.inspect_container(ctr.id))["State"]["Running"]:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    proc.kill()  # no finally runs: only the journal knows the container was stopped by volmove
+    await asyncio.to_thread(proc.wait)
+    assert not (await docker_client.inspect_container(ctr.id))["State"]["Running"]
+    other = await make_volume()
+    await acli("backup", other, repo=repo, env={"VOLMOVE_STATE_DIR": str(tmp_path / "state")})
+    assert (await docker_client.inspect_container(ctr.id))["State"]["Running"]
+    assert not list((tmp_path / "state").glob("*.json"))  # the journal is gone once it is done
