@@ -134,9 +134,23 @@ def env(tmp_path: Path) -> Iterator[Env]:
     e.assert_contained()
 
 
-@pytest.fixture(params=["memory", "local"])
+class WholeObjectStorage(MemoryStorage):
+    """Reads whole packs, as restores from S3 do."""
+
+    prefers_whole_objects = True
+
+
+@pytest.fixture(params=["memory", "local", "whole-object", pytest.param("s3", marks=pytest.mark.s3)])
 def any_env(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
-    storage = MemoryStorage() if request.param == "memory" else LocalStorage(tmp_path / "repo", create=True)
+    storage: Storage
+    if request.param == "s3":
+        from volmove.core.storage.s3 import S3Storage
+
+        storage = S3Storage.from_url(request.getfixturevalue("s3_url"))
+    elif request.param == "local":
+        storage = LocalStorage(tmp_path / "repo", create=True)
+    else:
+        storage = WholeObjectStorage() if request.param == "whole-object" else MemoryStorage()
     e = make_env(tmp_path, storage)
     yield e
     e.assert_contained()

@@ -20,7 +20,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from volmove.core.errors import UnsafeDataError
 
@@ -31,7 +31,12 @@ DEVICES = frozenset({CHARDEV, BLOCKDEV})
 ROOT = "."
 MAX_PATH_BYTES = 64 * 1024
 MAX_SIZE = 1 << 60
-_HEX_ID = re.compile(r"[0-9a-f]{64}")
+_I64 = 1 << 63
+_HEX_RUN = re.compile(r"[0-9a-f]*")
+_JSON = json.JSONDecoder()
+_ABSENT = object()
+_INT_RANGES = {"m": (0, 0o10000), "u": (0, 1 << 32), "g": (0, 1 << 32), "mt": (1 - _I64, _I64), "s": (0, MAX_SIZE),
+               "i": (0, 1 << 64), "ct": (1 - _I64, _I64), "r": (0, 1 << 64)}
 
 
 @dataclass(slots=True)
@@ -83,39 +88,100 @@ def encode_lines(entries: Iterable[Entry]) -> Iterator[bytes]:
 
 
 def parse_entry(line: bytes | str) -> Entry:
-    """Decode one line, checking types and ranges (not yet its place in the tree)."""
-    try:
-        doc = json.loads(line)
-    except (ValueError, RecursionError):  # RecursionError: a forged line of deeply nested arrays
-        raise UnsafeDataError("catalog line is not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise UnsafeDataError("catalog line is malformed")
-    path = _str(doc, "p")
-    entry = Entry(path=path, type=_str(doc, "t"), mode=_num(doc, "m", 0o7777), uid=_num(doc, "u", 1 << 32),
-                  gid=_num(doc, "g", 1 << 32), mtime_ns=_snum(doc, "mt"))
-    if entry.type not in TYPES:
-        raise UnsafeDataError(f"catalog entry {path!r} has unknown type {entry.type!r}")
-    if entry.type == FILE:
+    """Decode one line, checking types and ranges (not yet its place in the tree).
+
+    Runs once per entry of a restore, hence plain comparisons over helper calls."""
+    doc = _load(line)
+    get = doc.get
+    path, kind, mode, uid, gid, mtime = get("p"), get("t"), get("m"), get("u"), get("g"), get("mt")
+    if not (type(mode) is int and 0 <= mode <= 0o7777 and type(uid) is int and 0 <= uid < 1 << 32
+            and type(gid) is int and 0 <= gid < 1 << 32 and type(mtime) is int and -_I64 < mtime < _I64):
+        raise _malformed(doc, "m", "u", "g", "mt")
+    if not _is_name(path) or type(kind) is not str:
+        raise _malformed(doc, "p", "t")
+    entry = Entry(path, kind, mode, uid, gid, mtime)
+    if kind == FILE:
         _parse_file(doc, entry)
+    elif kind not in TYPES:
+        raise UnsafeDataError(f"catalog entry {path!r} has unknown type {kind!r}")
     if "lt" in doc:
-        entry.target = _str(doc, "lt")
+        target = doc["lt"]
+        if not _is_name(target):
+            raise _malformed(doc, "lt")
+        entry.target = target
     if "x" in doc:
         entry.xattrs = _parse_xattrs(doc["x"], path)
-    if entry.type in DEVICES:
-        entry.rdev = _num(doc, "r", 1 << 64)
+    if kind in DEVICES:
+        rdev = get("r")
+        if type(rdev) is not int or not 0 <= rdev < 1 << 64:
+            raise _malformed(doc, "r")
+        entry.rdev = rdev
     return entry
 
 
+def _load(line: bytes | str) -> dict[str, Any]:
+    try:
+        text = line.decode() if isinstance(line, bytes) else line
+        doc, end = _JSON.raw_decode(text)
+    except (ValueError, RecursionError):  # RecursionError: a forged line of deeply nested arrays
+        raise UnsafeDataError("catalog line is not valid JSON") from None
+    if type(doc) is not dict or text[end:].strip():
+        raise UnsafeDataError("catalog line is malformed")
+    return doc
+
+
 def _parse_file(doc: dict[str, Any], entry: Entry) -> None:
-    entry.size = _num(doc, "s", MAX_SIZE)
-    chunks = doc.get("c")
-    if not isinstance(chunks, list) or not all(isinstance(c, str) and _HEX_ID.fullmatch(c) for c in chunks):
+    get = doc.get
+    size, chunks, ino, ctime = get("s"), get("c"), get("i", 0), get("ct", 0)
+    if not (type(size) is int and 0 <= size < MAX_SIZE and type(ino) is int and 0 <= ino < 1 << 64
+            and type(ctime) is int and -_I64 < ctime < _I64):
+        raise _malformed(doc, "s", "i", "ct")
+    if not _is_chunk_list(chunks):
         raise UnsafeDataError(f"catalog entry {entry.path!r} has a malformed chunk list")
-    entry.chunks = chunks
-    entry.ino = _num(doc, "i", 1 << 64) if "i" in doc else 0
-    entry.ctime_ns = _snum(doc, "ct") if "ct" in doc else 0
+    entry.size, entry.chunks, entry.ino, entry.ctime_ns = size, chunks, ino, ctime
     if "e" in doc:
         entry.extents = _parse_extents(doc["e"], entry)
+
+
+def _is_chunk_list(chunks: object) -> TypeGuard[list[str]]:
+    """A list of 64-digit lower-case hex ids, checked in a few C-level passes."""
+    if type(chunks) is not list:
+        return False
+    try:
+        joined = "".join(chunks)
+    except TypeError:
+        return False
+    return set(map(len, chunks)) <= {64} and _HEX_RUN.fullmatch(joined) is not None
+
+
+def _is_name(value: object) -> TypeGuard[str]:
+    """A non-empty string the OS can take: no NUL, and only the surrogates ``os.fsdecode`` makes."""
+    if type(value) is not str or not value or "\0" in value:
+        return False
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _malformed(doc: dict[str, Any], *keys: str) -> UnsafeDataError:
+    """The error for the first of ``keys`` that is absent or of the wrong type."""
+    path = doc.get("p")
+    what = f"catalog entry {path!r}" if _is_name(path) else "catalog entry"
+    bad = next((k for k in keys if not _field_ok(k, doc.get(k, _ABSENT))), keys[0])
+    return UnsafeDataError(f"{what} has a malformed field {bad!r}")
+
+
+def _field_ok(key: str, value: object) -> bool:
+    if key in ("p", "t", "lt"):
+        return _is_name(value)
+    if value is _ABSENT:
+        return key in ("i", "ct")
+    lo, hi = _INT_RANGES[key]
+    return type(value) is int and lo <= value < hi
 
 
 def _parse_extents(raw: object, entry: Entry) -> list[tuple[int, int]]:
@@ -139,7 +205,7 @@ def _parse_xattrs(raw: object, path: str) -> dict[str, bytes]:
         raise UnsafeDataError(f"catalog entry {path!r} has malformed xattrs")
     out = {}
     for name, value in raw.items():
-        if not isinstance(value, str) or not name or "\0" in name or not _encodable(name):
+        if not isinstance(value, str) or not _is_name(name):
             raise UnsafeDataError(f"catalog entry {path!r} has malformed xattrs")
         try:
             out[name] = base64.b64decode(value, validate=True)
@@ -150,36 +216,6 @@ def _parse_xattrs(raw: object, path: str) -> dict[str, bytes]:
 
 def _is_nat(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SIZE
-
-
-def _str(doc: dict[str, Any], key: str) -> str:
-    value = doc.get(key)
-    if not isinstance(value, str) or "\0" in value or not value or not _encodable(value):
-        raise UnsafeDataError(f"catalog entry has a malformed field {key!r}")
-    return value
-
-
-def _encodable(value: str) -> bool:
-    """Names reach the OS through ``os.fsencode``: only the surrogates it made may appear."""
-    try:
-        value.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _num(doc: dict[str, Any], key: str, limit: int) -> int:
-    value = doc.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < limit:
-        raise UnsafeDataError(f"catalog entry has a malformed field {key!r}")
-    return value
-
-
-def _snum(doc: dict[str, Any], key: str) -> int:
-    value = doc.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or abs(value) >= 1 << 63:
-        raise UnsafeDataError(f"catalog entry has a malformed field {key!r}")
-    return value
 
 
 def check_path(path: str) -> None:

@@ -7,11 +7,12 @@ descriptor with O_NOFOLLOW, so nothing is written, created or chmod-ed
 through a symlink — neither one from the snapshot nor one planted in the
 target beforehand.
 
-One thread writes, because a restore of many small files is mostly
-syscalls, and Python threads making syscalls queue for the GIL after each
-one.  Packs are read in segments (one read serves many small blobs), small
-blobs are checked by the writer itself, and large ones by a pool running
-ahead of the writer within a byte budget.
+Speed: packs are read in segments (one read serves many small blobs) by a
+loader running ahead, and the chunks of large files are inflated and hashed
+by a pool running ahead within a byte budget (both release the GIL for long
+stretches).  Everything else happens in one thread: writer threads for small
+files were measured slower, as each file's half-dozen syscalls and checks
+hand the GIL back and forth between threads.
 """
 
 from __future__ import annotations
@@ -53,11 +54,14 @@ from volmove.core.progress import Progress, ProgressFn, no_progress
 from volmove.core.repository import Repository
 from volmove.core.snapshot import Snapshot
 
-BUDGET_BYTES = 32 << 20  # raw bytes of large chunks decoded ahead of the writer
-AHEAD_ENTRIES = 1024  # catalog entries validated ahead of the writer
-INLINE_MAX = 64 << 10  # chunks up to this raw size are checked by the writer itself
+BUDGET_BYTES = 32 << 20  # raw bytes of large files' chunks decoded ahead of the writer
+AHEAD_ENTRIES = 512  # catalog entries validated ahead of the writer
+INLINE_MAX = 64 << 10  # a large file's chunks up to this size are checked by the writer itself
+SMALL_FILE = 1 << 20  # files up to this size (and few chunks) have all their chunks located when validated
+SMALL_CHUNKS = 64
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _NODE_TYPES = {FIFO: stat.S_IFIFO, SOCKET: stat.S_IFSOCK, CHARDEV: stat.S_IFCHR, BLOCKDEV: stat.S_IFBLK}
+T = TypeVar("T")
 
 
 @dataclass
@@ -71,20 +75,17 @@ class RestoreResult:
 
 @dataclass(frozen=True)
 class ReadLayout:
-    """How packs are read: ``segment`` bytes at a time, blobs of ``alone`` bytes
-    or more on their own; ``cache`` segments kept, ``ahead`` of them loaded
-    before the writer needs them."""
+    """How packs are read: ``segment`` bytes at a time, blobs of ``alone``
+    bytes or more on their own; ``cache`` segments are kept."""
 
     segment: int
     alone: int
     cache: int
-    ahead: int
 
 
-LOCAL_LAYOUT = ReadLayout(segment=1 << 20, alone=64 << 10, cache=8, ahead=4)
-WHOLE_LAYOUT = ReadLayout(segment=16 << 20, alone=16 << 20, cache=4, ahead=2)  # S3: one request per pack
+LOCAL_LAYOUT = ReadLayout(segment=1 << 20, alone=64 << 10, cache=16)
+WHOLE_LAYOUT = ReadLayout(segment=16 << 20, alone=16 << 20, cache=6)  # S3: one request per pack
 SegmentKey = tuple[str, int]
-T = TypeVar("T")
 
 
 class _Decoders(threading.local):
@@ -93,23 +94,20 @@ class _Decoders(threading.local):
 
 
 class BlobFetcher:
-    """Reads, bounds and checks blobs.  ``reserve``/``release`` run in the
-    writer's thread; ``get`` in any thread."""
+    """Reads, bounds and checks blobs; thread-safe.  Small blobs are sliced
+    from cached segments of their pack, loaded ahead by ``prefetch``."""
 
     def __init__(self, repo: Repository, layout: ReadLayout) -> None:
         self.repo = repo
         self.layout = layout
         self.max_raw = repo.config.chunker.max_size
         self._segments: OrderedDict[SegmentKey, Future[bytes]] = OrderedDict()
-        self._users: dict[SegmentKey, int] = {}  # reserved blobs per segment: never evicted while used
+        self._ready: dict[SegmentKey, bytes] = {}  # loaded segments of ``_segments``: read without the lock
         self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()
         self._loader = ThreadPoolExecutor(2, thread_name_prefix="pack-read")
         self._decoders = _Decoders()
-
-    @property
-    def segments_in_use(self) -> int:
-        return len(self._users)
+        self._last_prefetch: SegmentKey | None = None
 
     def locate(self, bid: str) -> BlobRef:
         """The blob's place, refused if its sizes are impossible: they size allocations."""
@@ -121,31 +119,17 @@ class BlobFetcher:
                                    f"({ref.length} stored, {ref.raw_length} raw)")
         return ref
 
-    def reserve(self, bid: str) -> BlobRef:
-        """Locate a blob and start loading its segment."""
-        ref = self.locate(bid)
-        key = self._segment_key(ref)
-        if key is not None:
+    def prefetch(self, bid: str, ref: BlobRef) -> None:
+        key = self._key(ref)
+        if key is not None and key != self._last_prefetch:
+            self._last_prefetch = key
             with self._lock:
-                self._users[key] = self._users.get(key, 0) + 1
                 self._segment(key, bid)
-        return ref
-
-    def release(self, ref: BlobRef) -> None:
-        key = self._segment_key(ref)
-        if key is None:
-            return
-        with self._lock:
-            left = self._users.pop(key) - 1
-            if left:
-                self._users[key] = left
-            else:
-                self._evict()
 
     def get(self, bid: str, ref: BlobRef) -> bytes:
         return self._decode(bid, ref, self._raw(bid, ref))
 
-    def _segment_key(self, ref: BlobRef) -> SegmentKey | None:
+    def _key(self, ref: BlobRef) -> SegmentKey | None:
         seg = self.layout.segment
         index = ref.offset // seg
         if ref.length >= self.layout.alone or ref.offset + ref.length > (index + 1) * seg:
@@ -153,31 +137,31 @@ class BlobFetcher:
         return ref.pack, index
 
     def _raw(self, bid: str, ref: BlobRef) -> bytes | memoryview:
-        key = self._segment_key(ref)
+        key = self._key(ref)
         if key is None:
             return self._read(bid, ref.pack, ref.offset, ref.length)
-        with self._lock:
-            fut = self._segment(key, bid)
+        data = self._ready.get(key)
+        if data is None:
+            with self._lock:
+                fut = self._segment(key, bid)
+            data = fut.result()
         start = ref.offset - key[1] * self.layout.segment
-        raw = memoryview(fut.result())[start : start + ref.length]
+        raw = memoryview(data)[start : start + ref.length]
         if len(raw) != ref.length:
             raise CorruptDataError(f"pack {ref.pack} is truncated: blob {bid} lies past its end")
         return raw
 
     def _segment(self, key: SegmentKey, bid: str) -> Future[bytes]:
+        """The segment's bytes, loading or cached; the least recently used beyond ``cache`` are dropped."""
         fut = self._segments.get(key)
         if fut is None:
-            fut = self._loader.submit(self._load, key, bid)
-            self._segments[key] = fut
-            self._evict()
+            fut = self._segments[key] = self._loader.submit(self._load, key, bid)
+            if len(self._segments) > self.layout.cache:
+                old, _ = self._segments.popitem(last=False)
+                self._ready.pop(old, None)
         else:
             self._segments.move_to_end(key)
         return fut
-
-    def _evict(self) -> None:
-        excess = len(self._segments) - self.layout.cache
-        for key in [k for k in self._segments if k not in self._users][: max(excess, 0)]:
-            del self._segments[key]
 
     def _load(self, key: SegmentKey, bid: str) -> bytes:
         pack, index = key
@@ -185,7 +169,11 @@ class BlobFetcher:
         size = self._pack_size(pack, bid)
         if start >= size:
             raise CorruptDataError(f"pack {pack} is truncated: blob {bid} lies past its end")
-        return self._read(bid, pack, start, min(self.layout.segment, size - start))
+        data = self._read(bid, pack, start, min(self.layout.segment, size - start))
+        with self._lock:
+            if key in self._segments:
+                self._ready[key] = data
+        return data
 
     def _pack_size(self, pack: str, bid: str) -> int:
         size = self._sizes.get(pack)
@@ -206,17 +194,17 @@ class BlobFetcher:
             raise CorruptDataError(f"pack {pack} is truncated: blob {bid} lies past its end") from None
 
     def _decode(self, bid: str, ref: BlobRef, raw: bytes | memoryview) -> bytes:
-        what = f"blob {bid} in pack {ref.pack}"
         try:
             # A declared content size makes zstandard ignore max_output_size: check it first.
             declared = zstandard.frame_content_size(raw)
             if declared > ref.raw_length:
-                raise CorruptDataError(f"{what} claims {declared} bytes, more than the {ref.raw_length} indexed")
+                raise CorruptDataError(f"blob {bid} in pack {ref.pack} claims {declared} bytes, "
+                                       f"more than the {ref.raw_length} indexed")
             data: bytes = self._decoders.dctx.decompress(raw, max_output_size=ref.raw_length)
         except zstandard.ZstdError as exc:
-            raise CorruptDataError(f"{what} cannot be decompressed: {exc}") from None
+            raise CorruptDataError(f"blob {bid} in pack {ref.pack} cannot be decompressed: {exc}") from None
         if len(data) != ref.raw_length or blob_id(data) != bid:
-            raise CorruptDataError(f"{what} does not match its hash")
+            raise CorruptDataError(f"blob {bid} in pack {ref.pack} does not match its hash")
         return data
 
     def close(self) -> None:
@@ -225,15 +213,17 @@ class BlobFetcher:
 
 @dataclass(slots=True)
 class _Job:
-    """An entry on its way to the target, with the chunks submitted so far."""
+    """An entry on its way to the target."""
 
     entry: Entry
-    chunks: deque[tuple[BlobRef, str, Future[bytes] | None]] = field(default_factory=deque)
+    refs: list[BlobRef] | None = None  # a small file's chunks, located when validated
+    chunks: deque[tuple[str, BlobRef, Future[bytes] | None]] = field(default_factory=deque)  # a large file's
 
 
 class _Ahead:
-    """Validated entries in catalog order; large chunks are decoded ahead in
-    ``pool`` within ``BUDGET_BYTES``, small ones have their segment loading."""
+    """Validated entries in catalog order.  Small files' segments start
+    loading; large files' chunks are decoded ahead in ``pool`` within
+    ``BUDGET_BYTES`` (those up to ``INLINE_MAX`` are left to the writer)."""
 
     def __init__(self, entries: Iterator[Entry], validator: CatalogValidator, fetcher: BlobFetcher,
                  pool: ThreadPoolExecutor, cancel: threading.Event) -> None:
@@ -243,29 +233,31 @@ class _Ahead:
         self.pool = pool
         self.cancel = cancel
         self.jobs: deque[_Job] = deque()
-        self.unsubmitted: deque[_Job] = deque()  # files with chunks still to submit, in order
+        self.unsubmitted: deque[_Job] = deque()  # large files with chunks still to submit, in order
         self.next_chunk = 0  # of unsubmitted[0]
         self.in_flight = 0
         self.exhausted = False
 
     def next_job(self) -> _Job | None:
         self.fill()
+        if not self.jobs and not self.exhausted:
+            self._pull()  # the budget is spent on chunks of a file not yet reached
         return self.jobs.popleft() if self.jobs else None
 
     def take(self, job: _Job) -> bytes:
-        """The next chunk of ``job``'s file, checked."""
+        """The next chunk of a large file, checked."""
         while not job.chunks:
             self._submit_next()  # past the budget: the file being written must progress
-        ref, bid, fut = job.chunks.popleft()
-        data = fut.result() if fut is not None else self.fetcher.get(bid, ref)
-        self.fetcher.release(ref)
-        if fut is not None:
-            self.in_flight -= ref.raw_length
+        bid, ref, decoded = job.chunks.popleft()
+        if decoded is None:
+            return self.fetcher.get(bid, ref)
+        data = decoded.result()
+        self.in_flight -= ref.raw_length
         self.fill()
         return data
 
     def fill(self) -> None:
-        while self.in_flight < BUDGET_BYTES and self.fetcher.segments_in_use <= self.fetcher.layout.ahead:
+        while self.in_flight < BUDGET_BYTES:
             if self.unsubmitted:
                 self._submit_next()
             elif len(self.jobs) < AHEAD_ENTRIES and not self.exhausted:
@@ -282,23 +274,39 @@ class _Ahead:
             return
         self.validator.check(entry)
         job = _Job(entry)
-        self.jobs.append(job)
         if entry.type == FILE and entry.chunks:
-            self.unsubmitted.append(job)
+            if entry.size <= SMALL_FILE and len(entry.chunks) <= SMALL_CHUNKS:
+                job.refs = []
+                for bid in entry.chunks:
+                    ref = self.fetcher.locate(bid)
+                    self.fetcher.prefetch(bid, ref)
+                    job.refs.append(ref)
+            else:
+                self.unsubmitted.append(job)
+        self.jobs.append(job)
 
     def _submit_next(self) -> None:
         job = self.unsubmitted[0]
         bid = job.entry.chunks[self.next_chunk]
-        ref = self.fetcher.reserve(bid)
-        fut = None
+        ref = self.fetcher.locate(bid)
+        decoded = None
         if ref.raw_length > INLINE_MAX:
-            fut = self.pool.submit(self.fetcher.get, bid, ref)
+            decoded = self.pool.submit(self.fetcher.get, bid, ref)
             self.in_flight += ref.raw_length
-        job.chunks.append((ref, bid, fut))
+        else:
+            self.fetcher.prefetch(bid, ref)
+        job.chunks.append((bid, ref, decoded))
         self.next_chunk += 1
         if self.next_chunk == len(job.entry.chunks):
             self.unsubmitted.popleft()
             self.next_chunk = 0
+
+
+@dataclass(slots=True)
+class _OpenDir:
+    path: str
+    fd: int
+    entry: Entry  # its metadata is applied when it is left
 
 
 class Restorer:
@@ -312,12 +320,11 @@ class Restorer:
         self.validator = CatalogValidator(allow_devices=allow_devices)
         self.report = progress
         self.cancel = cancel or threading.Event()
-        layout = WHOLE_LAYOUT if repo.storage.prefers_whole_objects else LOCAL_LAYOUT
-        self.fetcher = BlobFetcher(repo, layout)
+        self.fetcher = BlobFetcher(repo, WHOLE_LAYOUT if repo.storage.prefers_whole_objects else LOCAL_LAYOUT)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="restore")
         self.result = RestoreResult()
         self.progress = Progress("restore")
-        self.dirs: list[tuple[str, int, Entry]] = []  # open directory stack: path, fd, entry
+        self.dirs: list[_OpenDir] = []  # the open directory stack
         self._last_report = 0.0
 
     def run(self, snapshot: Snapshot) -> RestoreResult:
@@ -346,39 +353,41 @@ class Restorer:
     def _apply_entry(self, job: _Job) -> None:
         entry = job.entry
         if entry.path == ROOT:
-            self.dirs = [(ROOT, os.dup(self.root_fd), entry)]
+            self.dirs = [_OpenDir(ROOT, os.dup(self.root_fd), entry)]
             self.result.dirs += 1
             return
-        parent_fd = self._parent_fd(parent_of(entry.path))
-        name = entry.path.rsplit("/", 1)[-1]
+        head, _, name = entry.path.rpartition("/")
+        parent = self._parent(head or ROOT)
         if entry.type == FILE:
-            self._write_file(parent_fd, name, job)
+            self._write_file(parent, name, job)
         elif entry.type == DIR:
-            self._make_dir(parent_fd, name, entry)
+            self._make_dir(parent.fd, name, entry)
         elif entry.type == SYMLINK:
-            self._make_symlink(parent_fd, name, entry)
+            self._make_symlink(parent.fd, name, entry)
         elif entry.type == HARDLINK:
-            self._make_hardlink(parent_fd, name, entry)
+            self._make_hardlink(parent.fd, name, entry)
         else:
-            self._make_node(parent_fd, name, entry)
+            self._make_node(parent.fd, name, entry)
 
     # -- directories ---------------------------------------------------------
 
-    def _parent_fd(self, path: str) -> int:
-        """The open descriptor of ``path``, closing directories we have left
+    def _parent(self, path: str) -> _OpenDir:
+        """The open directory ``path``, closing directories we have left
         (applying their metadata: their mtimes are final once their children are written)."""
-        while self.dirs and not _is_within(path, self.dirs[-1][0]):
+        top = self.dirs[-1] if self.dirs else None
+        if top is not None and top.path == path:
+            return top
+        while self.dirs and not _is_within(path, self.dirs[-1].path):
             self._pop_dir(apply=True)
         if not self.dirs:
             raise CorruptDataError("snapshot catalog does not start with its root directory")
-        top_path, top_fd, _ = self.dirs[-1]
-        if top_path == path:
-            return top_fd
+        top = self.dirs[-1]
+        if top.path == path:
+            return top
         # An out-of-order (forged) catalog: reopen the path component by component without following links.
-        rest = path[len(top_path) + 1 :] if top_path != ROOT else path
-        fd = _open_dirs(top_fd, rest)
-        self.dirs.append((path, fd, Entry(path, DIR)))
-        return fd
+        rest = path[len(top.path) + 1 :] if top.path != ROOT else path
+        self.dirs.append(_OpenDir(path, _open_dirs(top.fd, rest), Entry(path, DIR)))
+        return self.dirs[-1]
 
     def _make_dir(self, parent_fd: int, name: str, entry: Entry) -> None:
         try:
@@ -389,16 +398,16 @@ class Restorer:
                 _clear(parent_fd, name)
                 os.mkdir(name, 0o700, dir_fd=parent_fd)
         fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
-        self.dirs.append((entry.path, fd, entry))
+        self.dirs.append(_OpenDir(entry.path, fd, entry))
         self.result.dirs += 1
 
     def _pop_dir(self, *, apply: bool) -> None:
-        _path, fd, entry = self.dirs.pop()
+        top = self.dirs.pop()
         try:
-            if apply and entry.mtime_ns:
-                self._set_meta_fd(fd, entry)
+            if apply and top.entry.mtime_ns:
+                self._set_meta_fd(top.fd, top.entry)
         finally:
-            os.close(fd)
+            os.close(top.fd)
 
     def _close_dirs(self, *, apply: bool) -> None:
         while self.dirs:
@@ -406,41 +415,59 @@ class Restorer:
 
     # -- files ---------------------------------------------------------------
 
-    def _write_file(self, parent_fd: int, name: str, job: _Job) -> None:
+    def _write_file(self, parent: _OpenDir, name: str, job: _Job) -> None:
         entry = job.entry
-        fd = _replacing(parent_fd, name, lambda: os.open(name, CREATE_FLAGS, 0o600, dir_fd=parent_fd))
-        try:
-            if entry.extents is None:
-                self._write_sequential(fd, job)
-            else:
-                self._write_extents(fd, job)
-                os.ftruncate(fd, entry.size)  # a hole at the end has no extent to write
-            self._set_meta_fd(fd, entry)
-        finally:
-            os.close(fd)
+        if job.refs is not None or not entry.chunks:
+            self._write_small(parent.fd, name, job)
+            self._advance(entry.size)
+        else:
+            fd = _replacing(parent.fd, name, lambda: os.open(name, CREATE_FLAGS, 0o600, dir_fd=parent.fd))
+            try:
+                self._write_content(fd, entry, lambda: self._take(job))
+                self._set_meta_fd(fd, entry)
+            finally:
+                os.close(fd)
+            if entry.extents is not None:  # holes count as restored bytes, as in the snapshot's totals
+                self._advance(entry.size - sum(length for _, length in entry.extents))
         self.result.files += 1
         self.result.bytes += entry.size
         self.progress.files_done += 1
 
-    def _write_sequential(self, fd: int, job: _Job) -> None:
-        entry = job.entry
-        written = 0
-        for _ in entry.chunks:
-            data = self.ahead.take(job)
-            _write_all(fd, data, None)
-            written += len(data)
-            self._advance(len(data))
-        if written != entry.size:
-            raise CorruptDataError(f"file {entry.path!r}: chunks hold {written} bytes, catalog says {entry.size}")
+    def _take(self, job: _Job) -> bytes:
+        data = self.ahead.take(job)
+        self._advance(len(data))
+        return data
 
-    def _write_extents(self, fd: int, job: _Job) -> None:
-        cursor = _ExtentCursor(job.entry.extents or [], job.entry.path)
-        for _ in job.entry.chunks:
-            data = self.ahead.take(job)
-            for pos, part in cursor.place(memoryview(data)):
+    def _write_small(self, dir_fd: int, name: str, job: _Job) -> None:
+        """A file whose chunks were located ahead (their segments are loading)."""
+        entry, refs = job.entry, job.refs or []
+        fd = _replacing(dir_fd, name, lambda: os.open(name, CREATE_FLAGS, 0o600, dir_fd=dir_fd))
+        try:
+            if len(refs) == 1 and entry.extents is None and refs[0].raw_length == entry.size:
+                _write_all(fd, self.fetcher.get(entry.chunks[0], refs[0]), None)  # most small files: one chunk
+            else:
+                pairs = zip(entry.chunks, refs, strict=True)
+                self._write_content(fd, entry, lambda: self.fetcher.get(*next(pairs)))
+            self._set_meta_fd(fd, entry)
+        finally:
+            os.close(fd)
+
+    def _write_content(self, fd: int, entry: Entry, next_chunk: Callable[[], bytes]) -> None:
+        if entry.extents is None:
+            written = 0
+            for _ in entry.chunks:
+                data = next_chunk()
+                _write_all(fd, data, None)
+                written += len(data)
+            if written != entry.size:
+                raise CorruptDataError(f"file {entry.path!r}: chunks hold {written} bytes, catalog says {entry.size}")
+            return
+        cursor = _ExtentCursor(entry.extents, entry.path)
+        for _ in entry.chunks:
+            for pos, part in cursor.place(memoryview(next_chunk())):
                 _write_all(fd, part, pos)
-            self._advance(len(data))
         cursor.check_done()
+        os.ftruncate(fd, entry.size)  # a hole at the end has no extent to write
 
     def _set_meta_fd(self, fd: int, entry: Entry) -> None:
         os.fchown(fd, entry.uid, entry.gid)
@@ -545,12 +572,12 @@ def _clear(parent_fd: int, name: str) -> None:
 
 
 def _write_all(fd: int, data: bytes | memoryview, pos: int | None) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view) if pos is None else os.pwrite(fd, view, pos)
-        view = view[n:]
-        if pos is not None:
-            pos += n
+    """Write all of ``data`` at ``pos``, or at the file's offset."""
+    done = os.write(fd, data) if pos is None else os.pwrite(fd, data, pos)
+    if done < len(data):  # short writes are rare: finish through a view
+        view = memoryview(data)
+        while done < len(view):
+            done += os.write(fd, view[done:]) if pos is None else os.pwrite(fd, view[done:], pos + done)
 
 
 class _ExtentCursor:
