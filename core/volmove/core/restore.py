@@ -54,7 +54,7 @@ from volmove.core.progress import Progress, ProgressFn, no_progress
 from volmove.core.repository import Repository
 from volmove.core.snapshot import Snapshot
 
-BUDGET_BYTES = 32 << 20  # raw bytes of large files' chunks decoded ahead of the writer
+BUDGET_BYTES = 8 << 20  # raw bytes of large files' chunks decoded ahead of the writer
 AHEAD_ENTRIES = 512  # catalog entries validated ahead of the writer
 INLINE_MAX = 64 << 10  # a large file's chunks up to this size are checked by the writer itself
 SMALL_FILE = 1 << 20  # files up to this size (and few chunks) have all their chunks located when validated
