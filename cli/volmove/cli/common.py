@@ -23,7 +23,7 @@ from rich.progress import (
 from rich.progress import Progress as Bar
 from rich.table import Table
 
-from volmove.core.errors import VolmoveError
+from volmove.core.errors import CancelledByUser, VolmoveError
 from volmove.core.progress import Progress, ProgressFn, no_progress
 from volmove.core.repository import Repository
 from volmove.core.storage import open_storage
@@ -32,6 +32,8 @@ T = TypeVar("T")
 DEFAULT_REPO = "/var/lib/volmove/repo"
 INTERNAL_ERROR = 70
 INTERRUPTED = 130
+# Ctrl-C lands either in the event loop or, through the cancel event, in the data-path thread.
+INTERRUPTED_MESSAGE = "interrupted; nothing partial was committed"
 
 RepoOpt = Annotated[str | None, typer.Option("--repo", "-r", envvar="VOLMOVE_REPO",
                                              help=f"Repository: /path, file:///path or s3://bucket/prefix "
@@ -60,10 +62,12 @@ def run(make: Callable[[], Awaitable[T]], *, json_out: bool) -> T:
     """Run one command's coroutine; every failure becomes one line and an exit code."""
     try:
         return asyncio.run(_call(make))
+    except CancelledByUser:
+        fail(INTERRUPTED_MESSAGE, INTERRUPTED, "cancelled", json_out)
     except VolmoveError as exc:
         fail(exc.message, exc.exit_code, exc.kind, json_out)
     except KeyboardInterrupt:
-        fail("interrupted; nothing partial was committed", INTERRUPTED, "cancelled", json_out)
+        fail(INTERRUPTED_MESSAGE, INTERRUPTED, "cancelled", json_out)
     except Exception as exc:
         if os.environ.get("VOLMOVE_DEBUG"):
             traceback.print_exc()
