@@ -55,6 +55,8 @@ async def run_cancellable(fn: Callable[[threading.Event], T]) -> T:
     except asyncio.CancelledError:
         cancel.set()
         await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # the thread's CancelledByUser is expected: do not log it as unretrieved
         raise
 
 
