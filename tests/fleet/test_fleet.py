@@ -253,8 +253,9 @@ async def test_a_service_killed_mid_job_reconciles_it_at_start_up(make_fleet: Ma
 
 
 # The broker checks keepalives about once a second, and the service must then process the Will;
-# on a loaded 2-core machine that has taken up to ~1.5 s beyond 1.5x the keepalive.
-SLACK = 2.0
+# unloaded this takes 3.0-3.2 s with a 2 s keepalive, but with Ceph, several dockerds and the suite
+# on 2 cores it has taken over 5 s: the bound is for a stalled detection, the printed time is the figure.
+SLACK = 4.0
 
 
 async def test_a_frozen_worker_shows_offline_within_one_and_a_half_keepalives(fleet: Fleet) -> None:
