@@ -78,6 +78,9 @@ def _table(docs: list[JSON]) -> Table:
 async def _watch(api: ServiceClient, initial: list[JSON], json_out: bool,
                  show: Callable[[dict[str, JSON]], None]) -> None:
     docs = {j["id"]: j for j in initial}
+    if json_out:  # the state at start first, so a script that starts late misses no job's phase
+        for doc in initial:
+            print(json.dumps(doc, default=str), flush=True)
     async for doc in api.watch():
         if json_out:
             print(json.dumps(doc, default=str), flush=True)
