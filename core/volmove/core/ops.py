@@ -27,7 +27,7 @@ from volmove.core.hooks import BackupHooks
 from volmove.core.locks import repo_lease
 from volmove.core.progress import ProgressFn, no_progress
 from volmove.core.repository import Repository
-from volmove.core.restore import Restorer, RestoreResult
+from volmove.core.restore import Restorer, RestoreResult, target_is_empty
 from volmove.core.snapshot import Snapshot, VolumeSpec
 from volmove.core.tarsource import Pipe, tar_entries
 from volmove.core.tarstream import snapshot_tar
@@ -167,10 +167,6 @@ async def _progress_totals(fd: int, parent: Snapshot | None,
     return await asyncio.to_thread(tree_size, fd)
 
 
-def _has_entries(fd: int) -> bool:
-    return bool(os.listdir(fd))
-
-
 def _latest(repo: Repository, volume: str, host: str) -> Snapshot | None:
     snaps = [s for s in repo.list_snapshots(volume) if s.host == host]
     return snaps[-1] if snaps else None
@@ -234,7 +230,7 @@ async def _restore_into(docker: DockerClient, repo: Repository, snap: Snapshot, 
         if helper.root is None:
             return await _restore_remote(docker, repo, snap, target, helper, req)
         async with opened_root(helper) as fd:
-            if not req.force and await asyncio.to_thread(_has_entries, fd):
+            if not req.force and not await asyncio.to_thread(target_is_empty, fd):
                 raise _not_empty(target, docker)
             return await run_cancellable(
                 lambda cancel: Restorer(repo, fd, allow_devices=req.allow_devices, progress=progress,

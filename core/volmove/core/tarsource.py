@@ -18,8 +18,6 @@ from volmove.core.backup import SourceEntry
 from volmove.core.catalog import (
     BLOCKDEV,
     CHARDEV,
-    DIR,
-    FIFO,
     FILE,
     HARDLINK,
     ROOT,
@@ -28,10 +26,11 @@ from volmove.core.catalog import (
     check_path,
 )
 from volmove.core.errors import CorruptDataError, UnsafeDataError
+from volmove.core.tarstream import TAR_TYPES
 
 READ_PIECE = 4 << 20
-_TYPES = {tarfile.REGTYPE: FILE, tarfile.AREGTYPE: FILE, tarfile.DIRTYPE: DIR, tarfile.SYMTYPE: SYMLINK,
-          tarfile.LNKTYPE: HARDLINK, tarfile.FIFOTYPE: FIFO, tarfile.CHRTYPE: CHARDEV, tarfile.BLKTYPE: BLOCKDEV}
+# The inverse of what restores write; old-style regular files are files too.
+_TYPES = {kind: entry_type for entry_type, kind in TAR_TYPES.items()} | {tarfile.AREGTYPE: FILE}
 _XATTR = "SCHILY.xattr."
 
 

@@ -30,7 +30,7 @@ from volmove.core.snapshot import Snapshot
 
 BLOCK = tarfile.BLOCKSIZE
 _ZEROS = bytes(1 << 20)
-_TAR_TYPES = {FILE: tarfile.REGTYPE, DIR: tarfile.DIRTYPE, SYMLINK: tarfile.SYMTYPE, HARDLINK: tarfile.LNKTYPE,
+TAR_TYPES = {FILE: tarfile.REGTYPE, DIR: tarfile.DIRTYPE, SYMLINK: tarfile.SYMTYPE, HARDLINK: tarfile.LNKTYPE,
               FIFO: tarfile.FIFOTYPE, CHARDEV: tarfile.CHRTYPE, BLOCKDEV: tarfile.BLKTYPE}
 
 
@@ -40,7 +40,7 @@ def snapshot_tar(repo: Repository, snap: Snapshot, *, allow_devices: bool = Fals
     for line in repo.read_catalog(snap):
         entry = parse_entry(line)
         validator.check(entry)
-        if entry.type not in _TAR_TYPES:
+        if entry.type not in TAR_TYPES:
             continue  # sockets cannot travel in a tar; they are recreated by their server anyway
         yield header(entry)
         if entry.type == FILE:
@@ -52,7 +52,7 @@ def snapshot_tar(repo: Repository, snap: Snapshot, *, allow_devices: bool = Fals
 
 def header(entry: Entry) -> bytes:
     info = tarfile.TarInfo("." if entry.path == ROOT else entry.path)
-    info.type = _TAR_TYPES[entry.type]
+    info.type = TAR_TYPES[entry.type]
     info.mode, info.uid, info.gid = entry.mode, entry.uid, entry.gid
     info.size = entry.size if entry.type == FILE else 0
     info.mtime = entry.mtime_ns // 1_000_000_000
