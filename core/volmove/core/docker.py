@@ -43,6 +43,7 @@ from volmove.core.errors import (
     UsageError,
     VolmoveError,
 )
+from volmove.core.procs import pid_exists
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ class Owner:
             return False
         state, start = _proc_stat(self.pid)
         if state is None:
-            return not _pid_exists(self.pid)
+            return not pid_exists(self.pid)
         return state == "Z" or (None not in (start, self.start) and start != self.start)
 
     def rebooted_since(self) -> bool:
@@ -251,16 +252,6 @@ def _proc_stat(pid: int) -> tuple[str | None, int | None]:
         return None, None
     fields = stat.rpartition(")")[2].split()  # comm may hold spaces and ")"
     return fields[0], int(fields[19])
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ------------------------------------------------------------------- journals

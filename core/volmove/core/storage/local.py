@@ -22,6 +22,7 @@ from volmove.core.errors import (
     RepositoryError,
     StorageError,
 )
+from volmove.core.procs import pid_exists
 from volmove.core.storage.base import ObjectInfo
 
 TMP_PREFIX = ".tmp-"
@@ -150,7 +151,7 @@ class LocalStorage:
 
     def _stale(self, path: str, name: str, now: float, older_than: float) -> bool:
         parts = name[len(TMP_PREFIX) :].rsplit("-", 2)
-        if len(parts) == 3 and parts[0] == self._host and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+        if len(parts) == 3 and parts[0] == self._host and parts[1].isdigit() and not pid_exists(int(parts[1])):
             return True
         try:
             return now - os.stat(path).st_mtime > older_than
@@ -161,13 +162,3 @@ class LocalStorage:
         pass
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
