@@ -4,13 +4,21 @@ Writes go to a temp file in the destination folder, are fsynced and renamed
 into place, so a crash leaves either the whole object or a temp file that
 ``cleanup_incomplete`` removes.  ``os.link`` gives write-once semantics
 without a check-then-rename race.
+
+Packs are the bulk of a backup's writes and nothing names them until an
+index does, so they are not fsynced one by one (a flush of the disk per 8 MiB
+cost a third of a backup's time here): the first write of any other object
+syncs the repository's filesystem once, which makes every pack written
+before it durable before anything can refer to it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +34,7 @@ from volmove.core.procs import pid_exists
 from volmove.core.storage.base import ObjectInfo
 
 TMP_PREFIX = ".tmp-"
+DEFERRED_PREFIX = "data/"  # packs: durable at the next write of anything else
 
 
 def _storage_error(exc: OSError, what: str) -> StorageError:
@@ -50,6 +59,8 @@ class LocalStorage:
         elif not self.root.is_dir():
             raise RepositoryError(f"repository directory {self.root} does not exist (run 'volmove init')")
         self._host = socket.gethostname()
+        self._unsynced = False
+        self._sync_lock = threading.Lock()
 
     def _path(self, key: str) -> Path:
         if key.startswith("/") or ".." in key.split("/") or "\0" in key:
@@ -58,6 +69,9 @@ class LocalStorage:
 
     def put(self, key: str, data: bytes, *, overwrite: bool = False) -> None:
         path = self._path(key)
+        deferred = key.startswith(DEFERRED_PREFIX)
+        if not deferred:
+            self.sync()  # whatever this object names must be on disk before it is
         tmp = path.parent / f"{TMP_PREFIX}{self._host}-{os.getpid()}-{time.monotonic_ns()}"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +80,11 @@ class LocalStorage:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                os.fsync(fd)
+                if deferred:
+                    _start_writeback(fd)  # so that the sync at the end has little left to wait for
+                    self._unsynced = True
+                else:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             if overwrite:
@@ -76,6 +94,17 @@ class LocalStorage:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise _storage_error(exc, f"object {key}") from None
+
+    def sync(self) -> None:
+        """Make every object written so far durable (one sync of the filesystem)."""
+        with self._sync_lock:
+            if not self._unsynced:
+                return
+            try:
+                _syncfs(self.root)
+            except OSError as exc:
+                raise _storage_error(exc, f"syncing {self.root}") from None
+            self._unsynced = False
 
     def _link_once(self, tmp: Path, path: Path, key: str) -> None:
         try:
@@ -162,3 +191,27 @@ class LocalStorage:
         pass
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing the file out now, without waiting (Linux)."""
+    fn = getattr(_LIBC, "sync_file_range", None)
+    if fn is not None:
+        fn(fd, ctypes.c_int64(0), ctypes.c_int64(0), _SYNC_FILE_RANGE_WRITE)  # advisory: errors are moot
+
+
+def _syncfs(root: Path) -> None:
+    """syncfs(2) on the filesystem holding ``root``; sync(2) where libc lacks it."""
+    fn = getattr(_LIBC, "syncfs", None)
+    if fn is None:
+        os.sync()
+        return
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if fn(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)

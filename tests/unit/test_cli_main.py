@@ -1,0 +1,37 @@
+"""The CLI loads only the command it runs, and every command still loads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from volmove.cli.main import COMMANDS, build_app, command_named
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["backup", "vol1"], "backup"),
+    (["--help"], None),
+    ([], None),
+    (["bogus"], None),
+    (["schedule", "ls"], "schedule"),
+])
+def test_command_named(argv: list[str], expected: str | None) -> None:
+    assert command_named(argv) == expected
+
+
+def test_every_command_registers() -> None:
+    result = CliRunner().invoke(build_app(), ["--help"])
+    assert result.exit_code == 0
+    for name in COMMANDS:
+        assert name in result.output
+
+
+def test_running_backup_does_not_import_the_service() -> None:
+    code = ("import sys; from volmove.cli.main import build_app; build_app(['backup']); "
+            "print(sorted(m for m in sys.modules"
+            " if m.startswith('volmove.service.') and m != 'volmove.service.client'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
