@@ -240,3 +240,25 @@ def test_a_backup_must_not_use_an_index_loaded_before_a_prune(tmp_path: Path) ->
     stale.reload_index()
     good = backup_dir(stale, tmp_path / "g", "g")
     assert verify(open_fresh(storage), [good], read_data=True).ok
+
+
+def test_reload_reads_only_new_index_files_until_one_is_gone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = MemoryStorage()
+    repo = new_repo(storage)
+    fill(tmp_path / "a", 1)
+    backup_dir(repo, tmp_path / "a", "a")
+    mine = open_fresh(storage)
+    fill(tmp_path / "b", 2, common=False)
+    other = backup_dir(open_fresh(storage), tmp_path / "b", "b")  # another writer adds an index
+    read: list[str] = []
+    real_get = storage.get
+    monkeypatch.setattr(storage, "get", lambda key: read.append(key) or real_get(key))
+    mine.reload_index()
+    assert len([k for k in read if k.startswith("index/")]) == 1  # only the new one
+    assert all(mine.has_blob(b) for b in other.catalog)
+    read.clear()
+    prune(open_fresh(storage), now=later())  # replaces every index file
+    read.clear()
+    mine.reload_index()
+    assert {k for k in read if k.startswith("index/")} == {i.key for i in storage.list("index/")}
+    assert mine.index == open_fresh(storage).index

@@ -59,6 +59,7 @@ class Repository:
         self.storage = storage
         self.config = config
         self.index: dict[str, BlobRef] = {}
+        self._index_keys: set[str] = set()  # the index files ``index`` was read from
         self._index_lock = threading.Lock()
 
     @classmethod
@@ -72,10 +73,26 @@ class Repository:
     # -- index -------------------------------------------------------------
 
     def load_index(self) -> None:
-        keys = [info.key for info in self.storage.list("index/")]
+        """Bring the in-memory index up to date with storage: read the index files
+        not read yet, or everything again if one that was read is gone (a prune
+        replaced it and may have deleted packs it listed: a backup must never
+        dedup against a blob whose pack is gone)."""
+        keys = {info.key for info in self.storage.list("index/")}
+        with self._index_lock:
+            rebuild = not self._index_keys <= keys
+            todo = sorted(keys if rebuild else keys - self._index_keys)
+        index: dict[str, BlobRef] = {}
         with ThreadPoolExecutor(8) as pool:
-            for rows in pool.map(self._read_index, keys):
-                self._add_rows(rows)
+            for rows in pool.map(self._read_index, todo):
+                for bid, ref in rows:
+                    index.setdefault(bid, ref)
+        with self._index_lock:
+            if rebuild:
+                self.index, self._index_keys = index, set(todo)
+            else:
+                for bid, ref in index.items():
+                    self.index.setdefault(bid, ref)
+                self._index_keys.update(todo)
 
     def _read_index(self, key: str) -> list[tuple[str, BlobRef]]:
         return decode_index(id_from_key(key), self.storage.get(key))
@@ -86,13 +103,8 @@ class Repository:
                 self.index.setdefault(bid, ref)
 
     def reload_index(self) -> None:
-        """Replace the in-memory index with what storage holds now.  A prune may
-        have deleted packs since the index was loaded, and a backup must never
-        dedup against a blob whose pack is gone."""
-        fresh = Repository(self.storage, self.config)
-        fresh.load_index()
-        with self._index_lock:
-            self.index = fresh.index
+        """The index as storage holds it now (see load_index: only what changed is read)."""
+        self.load_index()
 
     def read_index_file(self, key: str) -> list[tuple[str, BlobRef]]:
         return self._read_index(key)
