@@ -117,6 +117,42 @@ def test_changed_and_new_files_are_read_again(tmp_path: Path) -> None:
     assert second.catalog == fresh.catalog
 
 
+def test_large_files_changed_in_place_reuse_their_old_chunks_and_give_the_full_catalog(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    guided: list[int] = []
+    real = backup.guided_chunks
+    monkeypatch.setattr(backup, "guided_chunks", lambda old, *a: guided.append(len(old)) or real(old, *a))
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(5)
+    for name in ("db", "grows", "shrinks", "shifted", "sparse-now"):
+        (src / name).write_bytes(rng.randbytes(6 << 20))
+    repo = new_repo(MemoryStorage())
+    first = backup_dir(repo, src)
+    with open(src / "db", "r+b") as f:  # pages overwritten in place, as a database does
+        for off in (0, 1 << 20, (3 << 20) + 4096, (6 << 20) - 65536):
+            f.seek(off)
+            f.write(rng.randbytes(65536))
+    with open(src / "grows", "ab") as f:
+        f.write(rng.randbytes(100_000))
+    os.truncate(src / "shrinks", (4 << 20) + 123)
+    data = (src / "shifted").read_bytes()
+    (src / "shifted").write_bytes(data[:777] + b"inserted" + data[777:])
+    with open(src / "sparse-now", "r+b") as f:
+        f.truncate(64 << 20)
+    second = backup_dir(repo, src, parent=first)
+    fresh = backup_dir(new_repo(MemoryStorage()), src)
+    assert catalog_bytes(repo, second).replace(b"\n", b"").count(b'"p":') == 6
+    assert [_chunks(line) for line in repo.read_catalog(second)] == [_chunks(line) for line in repo.read_catalog(fresh)]
+    assert second.stats.new_bytes < 0.15 * first.stats.new_bytes  # only the changed stretches are new
+    assert len(guided) == 4  # every changed file but the one that became sparse
+
+
+def _chunks(line: bytes) -> tuple[str, list[str]]:
+    doc = json.loads(line)
+    return doc["p"], doc.get("c", [])
+
+
 def test_a_forged_parent_line_is_not_reused(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()

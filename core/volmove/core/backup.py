@@ -31,6 +31,7 @@ from volmove.core.errors import CancelledByUser, CorruptDataError, StorageError
 from volmove.core.format import BLOB_DATA, BLOB_META, ChunkerParams, blob_id
 from volmove.core.fswalk import FILE_FLAGS, Item, data_extents, read_fd_xattrs, walk
 from volmove.core.progress import Progress, ProgressFn, no_progress
+from volmove.core.rechunk import OldChunk, guided_chunks, old_layout
 from volmove.core.repository import PackWriter, Repository
 from volmove.core.snapshot import Snapshot, SnapshotStats
 
@@ -41,9 +42,11 @@ BATCH_BYTES = 4 << 20
 BATCH_ENTRIES = 256
 WINDOW_BYTES = 48 << 20
 WINDOW_BATCHES = 64  # bounds the entries held when files are tiny or unchanged
+VERIFY_BYTES = 4 << 20  # old chunks checked per pool job when a changed file is re-chunked
+VERIFY_AHEAD = 4  # such jobs queued ahead of the chunker
 CATALOG_FLUSH = 1 << 20
 ZSTD_LEVEL = 3
-BlobResult = tuple[str, bytes | None, int]  # id, compressed data unless already stored, raw length
+BlobResult = tuple[str, bytes | None]  # id, compressed data unless already stored
 # One call compresses a whole batch (C backend; marked experimental, hence the fallback).
 _MULTI_COMPRESS = "multi_compress_to_buffer" in zstandard.backend_features
 SourceEntry = tuple[Entry, Iterable[bytes] | None]  # an entry and, for a file, its content
@@ -69,8 +72,9 @@ class _Batch:
     catalog entries that are complete once these chunks are stored."""
 
     owners: list[Entry] = field(default_factory=list)
-    chunks: list[memoryview] = field(default_factory=list)
+    chunks: list[memoryview] = field(default_factory=list)  # empty for a chunk reused by id
     ids: list[str | None] = field(default_factory=list)  # None: not hashed yet
+    lengths: list[int] = field(default_factory=list)
     entries: list[Entry | bytes] = field(default_factory=list)  # bytes: a line reused from the parent
     nbytes: int = 0
     future: Future[list[BlobResult]] | None = None
@@ -163,18 +167,18 @@ class BackupEngine:
         self.counts[kind] += 1
         record: Entry | bytes = entry
         if entry.type == FILE:
-            reused = self._reuse_parent(entry)
+            old = self.parent.get(entry.path)
+            reused = self._reuse_parent(entry, old)
             if reused is not None:
                 record = reused
-            elif not self._read_file(item):
+            elif not self._read_file(item, old):
                 return  # vanished since it was listed
         self.batch.entries.append(record)
         if len(self.batch.entries) >= BATCH_ENTRIES:
             self._queue_batch()
 
-    def _reuse_parent(self, entry: Entry) -> bytes | None:
+    def _reuse_parent(self, entry: Entry, old: ParentFile | None) -> bytes | None:
         """The parent snapshot's catalog line for a file whose metadata says it did not change."""
-        old = self.parent.get(entry.path)
         if old is None or old.meta != _meta(entry) or not all(self.repo.has_blob(c) for c in old.chunks):
             return None
         self.counts["skipped_files"] += 1
@@ -183,7 +187,7 @@ class BackupEngine:
         self._advance(entry.size, 1)
         return old.line
 
-    def _read_file(self, item: Item) -> bool:
+    def _read_file(self, item: Item, old: ParentFile | None) -> bool:
         """Queue the file's chunks; False if it vanished since it was listed."""
         entry = item.entry
         try:
@@ -195,8 +199,11 @@ class BackupEngine:
             entry.xattrs = read_fd_xattrs(fd)
             sparse = entry.size > 0 and item.st.st_blocks * 512 < entry.size
             data = None if sparse or entry.size > SMALL_FILE else _read_small(fd, entry)
+            layout = None if sparse or data is not None else self._old_layout(old)
             if data is not None:
                 self._add_chunks(entry, chunk_all(data, self.params))
+            elif layout:
+                self._read_guided(fd, entry, layout)
             else:
                 self._read_stream(fd, entry, sparse)
         finally:
@@ -219,6 +226,39 @@ class BackupEngine:
         if entry.extents is None:
             entry.size = size  # the file may have changed since it was listed
 
+    def _old_layout(self, old: ParentFile | None) -> list[OldChunk] | None:
+        """Where the parent's chunks of a changed large file lie, if it can guide re-chunking."""
+        if old is None or old.sparse or not old.chunks:
+            return None
+        refs = [self.repo.index.get(bid) for bid in old.chunks]
+        if any(ref is None for ref in refs):
+            return None
+        return old_layout([(bid, ref.raw_length) for bid, ref in zip(old.chunks, refs, strict=True) if ref])
+
+    def _read_guided(self, fd: int, entry: Entry, old: list[OldChunk]) -> None:
+        """Re-chunk a changed file, reusing the old chunks that are still where they were."""
+        verifier = _Verifier(self.pool, fd, old)
+        size = 0
+        try:
+            for reused, data in guided_chunks(old, verifier.still_there, lambda off, n: _pread(fd, n, off),
+                                              self.params):
+                if reused is not None:
+                    self._add_known(entry, reused.id, reused.length)
+                    size += reused.length
+                else:
+                    self._add_chunks(entry, (data,))
+                    size += len(data)
+        finally:
+            verifier.close()
+        entry.size = size
+
+    def _add_known(self, entry: Entry, bid: str, length: int) -> None:
+        batch = self.batch
+        batch.owners.append(entry)
+        batch.chunks.append(_NO_DATA)
+        batch.ids.append(bid)
+        batch.lengths.append(length)
+
     def _add_chunks(self, entry: Entry, chunks: Iterable[memoryview]) -> None:
         # Small chunks are hashed here: in a worker, each hash would hand the GIL over and
         # take it back, and a thread switch costs more than hashing a small file.
@@ -227,6 +267,7 @@ class BackupEngine:
             batch.owners.append(entry)
             batch.chunks.append(chunk)
             batch.ids.append(blob_id(chunk) if len(chunk) < SMALL_CHUNK else None)
+            batch.lengths.append(len(chunk))
             batch.nbytes += len(chunk)
         if batch.nbytes >= BATCH_BYTES:
             self._queue_batch()
@@ -247,7 +288,7 @@ class BackupEngine:
         compressed: list[bytes | None] = [None] * len(chunks)
         for i, data in zip(new, self._compress_all([chunks[i] for i in new]), strict=True):
             compressed[i] = data
-        return [(bid, data, len(chunk)) for bid, data, chunk in zip(bids, compressed, chunks, strict=True)]
+        return list(zip(bids, compressed, strict=True))
 
     def _compress_all(self, chunks: list[bytes | bytearray | memoryview]) -> list[bytes]:
         zstd = self._tls.zstd
@@ -262,14 +303,14 @@ class BackupEngine:
                               or len(self.queue) > WINDOW_BATCHES):
             batch = self.queue.popleft()
             if batch.future is not None:
-                self._store(batch.owners, batch.future.result())
+                self._store(batch.owners, batch.future.result(), batch.lengths)
             for entry in batch.entries:
                 self.catalog.add(entry)
             self.in_flight -= batch.nbytes
 
-    def _store(self, owners: list[Entry], blobs: list[BlobResult]) -> None:
+    def _store(self, owners: list[Entry], blobs: list[BlobResult], lengths: list[int]) -> None:
         new_chunks = new_bytes = raw_bytes = 0
-        for entry, (bid, compressed, raw_len) in zip(owners, blobs, strict=True):
+        for entry, (bid, compressed), raw_len in zip(owners, blobs, lengths, strict=True):
             entry.chunks.append(bid)
             raw_bytes += raw_len
             if compressed is not None and self.packs.add(bid, BLOB_DATA, compressed, raw_len):
@@ -287,6 +328,50 @@ class BackupEngine:
         if now - self._last_report >= 0.2:
             self._last_report = now
             self.report(self.progress)
+
+
+_NO_DATA = memoryview(b"")
+
+
+class _Verifier:
+    """Checks in the pool, a few MiB per job and a few jobs ahead, which old chunks
+    a changed file still holds at their offsets (reads and hashes release the GIL)."""
+
+    def __init__(self, pool: ThreadPoolExecutor, fd: int, old: list[OldChunk]) -> None:
+        self.pool, self.fd, self.old = pool, fd, old
+        self.groups: list[tuple[int, int]] = []  # [first, end) chunk indexes per job
+        first = 0
+        while first < len(old):
+            end, size = first, 0
+            while end < len(old) and (size < VERIFY_BYTES or end == first):
+                size += old[end].length
+                end += 1
+            self.groups.append((first, end))
+            first = end
+        self.group_of = [g for g, (a, b) in enumerate(self.groups) for _ in range(a, b)]
+        self.jobs: list[Future[list[bool]]] = []
+
+    def still_there(self, k: int) -> bool:
+        g = self.group_of[k]
+        while len(self.jobs) < min(len(self.groups), g + 1 + VERIFY_AHEAD):
+            self.jobs.append(self.pool.submit(self._check, *self.groups[len(self.jobs)]))
+        first = self.groups[g][0]
+        return self.jobs[g].result()[k - first]
+
+    def _check(self, first: int, end: int) -> list[bool]:
+        start = self.old[first].offset
+        data = memoryview(_pread(self.fd, self.old[end - 1].offset + self.old[end - 1].length - start, start))
+        out = []
+        for c in self.old[first:end]:
+            piece = data[c.offset - start : c.offset - start + c.length]
+            out.append(len(piece) == c.length and blob_id(piece) == c.id)
+        return out
+
+    def close(self) -> None:
+        """Wait for every job: none may read the descriptor after the file is closed."""
+        for job in self.jobs:
+            if not job.cancel():
+                job.exception()
 
 
 def _read_small(fd: int, entry: Entry) -> bytes | None:
@@ -359,6 +444,7 @@ class ParentFile:
     meta: tuple[int, ...]
     chunks: list[str]
     line: bytes
+    sparse: bool  # its chunks cover its data extents, not its offsets
 
 
 class ParentCatalog:
@@ -425,4 +511,4 @@ def _parent_file(line: bytes) -> tuple[str, ParentFile] | None:
         os.fsencode(path)  # a name no walk can produce would break the ordering: UnicodeEncodeError
     except (ValueError, KeyError, TypeError, AttributeError):  # UnicodeError is a ValueError
         return None
-    return path, ParentFile(meta, chunks, line + b"\n")
+    return path, ParentFile(meta, chunks, line + b"\n", "e" in doc)
