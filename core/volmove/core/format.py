@@ -126,6 +126,17 @@ def encode_pack_header(blobs: list[tuple[str, str, int, int, int]]) -> bytes:
     return body + TRAILER.pack(len(body), PACK_MAGIC)
 
 
+def pack_id_matches(pack_id: str, data: bytes) -> bool:
+    """Whether a whole pack bears its name: the hash of its header and trailer, or, for packs
+    written by earlier versions, of the whole pack."""
+    if len(data) >= TRAILER.size:
+        hlen, magic = TRAILER.unpack(data[-TRAILER.size :])
+        end = len(data) - TRAILER.size
+        if magic == PACK_MAGIC and hlen <= end and blob_id(memoryview(data)[end - hlen :]) == pack_id:
+            return True
+    return blob_id(data) == pack_id
+
+
 def decode_pack_header(pack_id: str, tail: bytes, pack_size: int) -> list[tuple[str, BlobRef]]:
     """Parse the header found at the end of a pack (``tail`` holds at least it)."""
     if len(tail) < TRAILER.size:

@@ -275,11 +275,14 @@ class PackWriter:
         self._uploads.append(self._pool.submit(self._upload, parts, rows))
 
     def _upload(self, parts: list[bytes], rows: list[BlobRow]) -> tuple[str, list[BlobRow]]:
-        # The header, joining and hashing are done here, off the thread that produces the blobs.
-        parts.append(encode_pack_header(rows))
+        # The header and the joining are done here, off the thread that produces the blobs.
+        header = encode_pack_header(rows)
+        # Named by its header's hash: the header names every blob by its hash, offset and length,
+        # so this is as unique as hashing the whole pack, without hashing its bytes twice.
+        pack_id = blob_id(header)
+        parts.append(header)
         data = b"".join(parts)
         parts.clear()  # the blobs are in ``data`` now: do not hold them twice during the upload
-        pack_id = blob_id(data)
         self.repo._put_once(pack_key(pack_id), data)
         return pack_id, rows
 

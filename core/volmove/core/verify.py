@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from volmove.core.catalog import FILE, CatalogValidator, Entry, parse_entry
 from volmove.core.chunker import StreamChunker
 from volmove.core.errors import CancelledByUser, CorruptDataError, VolmoveError
-from volmove.core.format import blob_id, id_from_key, is_hex_id
+from volmove.core.format import blob_id, id_from_key, is_hex_id, pack_id_matches
 from volmove.core.fswalk import FILE_FLAGS, Item, data_extents, walk
 from volmove.core.progress import Progress, ProgressFn, no_progress
 from volmove.core.repository import Repository, check_blob
@@ -101,7 +101,7 @@ def _read_packs(repo: Repository, blobs: set[str], report: VerifyReport, progres
             raise CancelledByUser("verify cancelled")
         try:
             data = repo.read_pack(pack_id)
-            intact = blob_id(data) == pack_id
+            intact = pack_id_matches(pack_id, data)
             if not intact:
                 report.errors.append(f"pack {pack_id} does not match its hash")
             for bid in bids:
