@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import random
 
 import pytest
 
 from volmove.core.catalog import (
     BLOCKDEV,
     CHARDEV,
+    DEVICES,
     DIR,
     FIFO,
     FILE,
@@ -16,6 +19,7 @@ from volmove.core.catalog import (
     ROOT,
     SOCKET,
     SYMLINK,
+    TYPES,
     CatalogValidator,
     Entry,
     check_path,
@@ -177,3 +181,37 @@ def test_symlink_needs_a_target() -> None:
 def test_stored_extents_cannot_exceed_the_size() -> None:
     with pytest.raises(UnsafeDataError, match="inconsistent"):
         validate(Entry("f", FILE, size=5, extents=[(0, 3), (3, 3)]))
+
+
+def _reference_json(e: Entry) -> str:
+    """How catalog lines were written first: json.dumps of the document."""
+    doc: dict[str, object] = {"p": e.path, "t": e.type, "m": e.mode, "u": e.uid, "g": e.gid, "mt": e.mtime_ns}
+    if e.type == FILE:
+        doc.update(s=e.size, c=e.chunks, h=e.content_hash, i=e.ino, ct=e.ctime_ns)
+        if e.extents is not None:
+            doc["e"] = [list(x) for x in e.extents]
+    if e.target is not None:
+        doc["lt"] = e.target
+    if e.xattrs:
+        doc["x"] = {k: base64.b64encode(v).decode() for k, v in sorted(e.xattrs.items())}
+    if e.type in DEVICES:
+        doc["r"] = e.rdev
+    return json.dumps(doc, separators=(",", ":"))
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_to_json_writes_what_json_dumps_wrote(seed: int) -> None:
+    rng = random.Random(seed)
+    names = ["a", "dir/f.txt", 'quote"back\\slash', "tab\tnew\nline", "ünï", "\udcff\udc80raw", "日本/語", "x" * 300]
+    kind = rng.choice(sorted(TYPES))
+    e = Entry(rng.choice(names), kind, rng.randrange(0o10000), rng.randrange(1 << 32), rng.randrange(1 << 32),
+              rng.randrange(-(1 << 62), 1 << 62), rng.randrange(1 << 40), ino=rng.randrange(1 << 64),
+              ctime_ns=rng.randrange(1 << 62), rdev=rng.randrange(1 << 20))
+    if kind == FILE:
+        e.chunks = [rng.randbytes(32).hex() for _ in range(rng.randrange(4))]
+        e.extents = rng.choice([None, [], [(0, 4096), (1 << 33, 10)]])
+    if rng.random() < 0.5:
+        e.target = rng.choice(names)
+    if rng.random() < 0.5:
+        e.xattrs = {rng.choice(["user.a", "user.\u00e9", "security.x"]): rng.randbytes(rng.randrange(20))}
+    assert e.to_json() == _reference_json(e)

@@ -18,7 +18,7 @@ import base64
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
@@ -34,6 +34,7 @@ MAX_SIZE = 1 << 60
 _I64 = 1 << 63
 _HEX_RUN = re.compile(r"[0-9a-f]*")
 _JSON = json.JSONDecoder()
+_esc: Callable[[str], str] = json.encoder.encode_basestring_ascii  # the C escaper json.dumps uses
 _ABSENT = object()
 _INT_RANGES = {"m": (0, 0o10000), "u": (0, 1 << 32), "g": (0, 1 << 32), "mt": (1 - _I64, _I64), "s": (0, MAX_SIZE),
                "i": (0, 1 << 64), "ct": (1 - _I64, _I64), "r": (0, 1 << 64)}
@@ -63,19 +64,24 @@ class Entry:
         return content_hash(self.chunks)
 
     def to_json(self) -> str:
-        doc: dict[str, Any] = {"p": self.path, "t": self.type, "m": self.mode, "u": self.uid, "g": self.gid,
-                               "mt": self.mtime_ns}
+        """The catalog line: what ``json.dumps(doc, separators=(",", ":"))`` gives, built
+        directly because it runs once per file of every backup (a third of the cost)."""
+        parts = [f'{{"p":{_esc(self.path)},"t":{_esc(self.type)},"m":{self.mode:d},"u":{self.uid:d},'
+                 f'"g":{self.gid:d},"mt":{self.mtime_ns:d}']
         if self.type == FILE:
-            doc.update(s=self.size, c=self.chunks, h=self.content_hash, i=self.ino, ct=self.ctime_ns)
+            parts.append(f',"s":{self.size:d},"c":[{",".join(map(_esc, self.chunks))}],"h":"{self.content_hash}",'
+                         f'"i":{self.ino:d},"ct":{self.ctime_ns:d}')
             if self.extents is not None:
-                doc["e"] = [list(e) for e in self.extents]
+                parts.append(',"e":[' + ",".join(f"[{a:d},{b:d}]" for a, b in self.extents) + "]")
         if self.target is not None:
-            doc["lt"] = self.target
+            parts.append(f',"lt":{_esc(self.target)}')
         if self.xattrs:
-            doc["x"] = {k: base64.b64encode(v).decode() for k, v in sorted(self.xattrs.items())}
+            parts.append(',"x":{' + ",".join(f'{_esc(k)}:"{base64.b64encode(v).decode()}"'
+                                            for k, v in sorted(self.xattrs.items())) + "}")
         if self.type in DEVICES:
-            doc["r"] = self.rdev
-        return json.dumps(doc, separators=(",", ":"))
+            parts.append(f',"r":{self.rdev:d}')
+        parts.append("}")
+        return "".join(parts)
 
 
 def content_hash(chunks: list[str]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,8 +37,11 @@ def blob_id(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+_HEX_ID = re.compile(r"[0-9a-f]{64}")
+
+
 def is_hex_id(value: object) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    return isinstance(value, str) and _HEX_ID.fullmatch(value) is not None
 
 
 def pack_key(pack_id: str) -> str:
