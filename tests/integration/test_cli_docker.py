@@ -199,11 +199,11 @@ def _wait_for(pred: Callable[[], bool], timeout: float = 60) -> None:
 
 
 def _big_volume_writer(root: Path) -> None:
-    block = os.urandom(1 << 20)
+    # Incompressible and unique (~30 packs), so that a backup is still running after its first packs.
     for i in range(6):
         with open(root / f"big{i}", "wb") as f:
-            for j in range(40):
-                f.write(bytes([i, j]) + block[2:])
+            for _ in range(40):
+                f.write(os.urandom(1 << 20))
 
 
 async def _helpers_of_dead_owners(client: DockerClient) -> int:

@@ -40,19 +40,21 @@ def backup(
         return remote_backup(list(volumes or []), tuple(tag or ()), stop, container, host, service, json_out)
 
     async def go() -> list[Snapshot]:
-        repository = await asyncio.to_thread(open_repo, repo)
+        # The index loads inside the first backup, while its helper container starts.
+        repository = await asyncio.to_thread(open_repo, repo, load_index=False)
         async with DockerClient.connect(docker) as client:
             names = list(volumes or [])
             if container:
                 names += await container_volumes(client, container)
             if not names:
                 raise UsageError("name at least one volume, or --container NAME")
-            await prepare_host(client, repository)
+            await prepare_host(client, repository, adopt=False)
             tags = tuple(tag or ()) + ((f"container={container}",) if container else ())
             snaps = []
-            for name in names:
+            for i, name in enumerate(names):
                 with progress_bar(f"backup {name}", json_out) as progress:
-                    snaps.append(await backup_volume(client, repository, BackupRequest(name, tags, stop), progress))
+                    snaps.append(await backup_volume(client, repository, BackupRequest(name, tags, stop), progress,
+                                                     adopt=i == 0))
             return snaps
 
     snaps = run(go, json_out=json_out)

@@ -100,21 +100,28 @@ async def containers_to_stop(docker: DockerClient, spec: VolumeSpec, stop: bool)
 
 
 async def backup_volume(docker: DockerClient, repo: Repository, req: BackupRequest,
-                        progress: ProgressFn = no_progress) -> Snapshot:
+                        progress: ProgressFn = no_progress, *, adopt: bool = False) -> Snapshot:
+    """Snapshot one volume.  ``adopt``: first index the packs a crashed run left (see
+    prepare_host), here where it overlaps the helper's start instead of preceding it."""
     spec, mount = await describe_source(docker, req.volume)
     host = req.host or docker.host
     # Shared: backups run side by side, but never next to a prune deleting what they dedup against.
     async with repo_lease(repo, "shared", "backup") as lease:
-        await asyncio.to_thread(repo.reload_index)  # a prune may have run since it was loaded
-        parent = await asyncio.to_thread(_latest, repo, spec.name, host)
-        parent_map = await asyncio.to_thread(load_catalog_map, repo, parent) if parent else None
-        to_stop = await containers_to_stop(docker, spec, req.stop)
-        hooks = BackupHooks(docker, await docker.containers_using(spec.name) if spec.kind == "volume" else [])
-        journal = state_dir() / f"stopped-{os.getpid()}-{spec.name.replace('/', '_')}.json"
-        started = datetime.now(UTC)
-        async with hooks.around(), docker.stopped(to_stop, journal), \
-                docker.helper(mount, read_only=True) as helper:
-            result = await _read_volume(docker, repo, helper, parent, parent_map, progress)
+        # The repository's side (index, parent catalog) loads while the containers stop and the helper starts.
+        base = asyncio.ensure_future(asyncio.to_thread(_backup_base, repo, spec.name, host, adopt))
+        try:
+            to_stop = await containers_to_stop(docker, spec, req.stop)
+            hooks = BackupHooks(docker, await docker.containers_using(spec.name) if spec.kind == "volume" else [])
+            journal = state_dir() / f"stopped-{os.getpid()}-{spec.name.replace('/', '_')}.json"
+            started = datetime.now(UTC)
+            async with hooks.around(), docker.stopped(to_stop, journal), \
+                    docker.helper(mount, read_only=True) as helper:
+                parent, parent_map = await base
+                result = await _read_volume(docker, repo, helper, parent, parent_map, progress)
+        finally:
+            await asyncio.wait([base])  # no thread outlives the lease
+            if not base.cancelled():
+                base.exception()  # raised above already, or superseded by what was
         snap = Snapshot(time=started, host=host, volume=spec, catalog=tuple(result.catalog), entries=result.entries,
                         stats=result.stats, tags=req.tags, parent=parent.id if parent else None)
         lease.check()  # a lapsed lease means a prune may have deleted blobs this snapshot names
@@ -165,6 +172,17 @@ async def _progress_totals(fd: int, parent: Snapshot | None,
     if parent is not None:
         return parent.stats.files, parent.stats.bytes
     return await asyncio.to_thread(tree_size, fd)
+
+
+def _backup_base(repo: Repository, volume: str, host: str,
+                 adopt: bool) -> tuple[Snapshot | None, ParentCatalog | None]:
+    """The index as storage holds it now (a prune may have run since it was loaded)
+    and the parent snapshot with its catalog, for change detection."""
+    repo.reload_index()
+    if adopt:
+        repo.adopt_orphan_packs()  # under the backup's shared lease: no prune is deleting packs
+    parent = _latest(repo, volume, host)
+    return parent, load_catalog_map(repo, parent) if parent else None
 
 
 def _latest(repo: Repository, volume: str, host: str) -> Snapshot | None:
@@ -343,12 +361,15 @@ def _latest_by_volume(repo: Repository) -> dict[str, Snapshot]:
     return out
 
 
-async def prepare_host(docker: DockerClient, repo: Repository) -> None:
+async def prepare_host(docker: DockerClient, repo: Repository, *, adopt: bool = True) -> None:
     """Finish what a crashed run left: restart containers it stopped, remove its
-    helpers, and reuse the packs it uploaded but never indexed."""
+    helpers, and (unless a backup will do it, see backup_volume) reuse the packs
+    it uploaded but never indexed."""
     await docker.recover_journals(state_dir())
     await docker.cleanup_helpers()
     await asyncio.to_thread(repo.storage.cleanup_incomplete, 3600.0)
+    if not adopt:
+        return
     try:
         async with repo_lease(repo, "shared", "adopt", wait=0):  # never index a pack a prune is deleting
             await asyncio.to_thread(repo.adopt_orphan_packs)

@@ -132,6 +132,7 @@ class Repository:
     def adopt_orphan_packs(self) -> int:
         """Index packs that an interrupted backup wrote but never indexed, so
         their blobs are reused instead of uploaded again."""
+        self.load_index()  # a pack is an orphan only if no index file names it
         indexed = {ref.pack for ref in self.index.values()}
         orphans = [info for info in self.storage.list("data/") if id_from_key(info.key) not in indexed]
         adopted: dict[str, list[BlobRow]] = {}
