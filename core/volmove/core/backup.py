@@ -46,7 +46,8 @@ VERIFY_BYTES = 4 << 20  # old chunks checked per pool job when a changed file is
 VERIFY_AHEAD = 4  # such jobs queued ahead of the chunker
 CATALOG_FLUSH = 1 << 20
 ZSTD_LEVEL = 3
-BlobResult = tuple[str, bytes | None]  # id, compressed data unless already stored
+Frame = bytes | memoryview  # a compressed chunk
+BlobResult = tuple[str, Frame | None]  # id, compressed data unless already stored
 # One call compresses a whole batch (C backend; marked experimental, hence the fallback).
 _MULTI_COMPRESS = "multi_compress_to_buffer" in zstandard.backend_features
 SourceEntry = tuple[Entry, Iterable[bytes] | None]  # an entry and, for a file, its content
@@ -285,16 +286,17 @@ class BackupEngine:
         """In the pool: the chunks' ids, and the chunks the repository lacks compressed."""
         bids = [bid or blob_id(chunk) for bid, chunk in zip(ids, chunks, strict=True)]
         new = [i for i, bid in enumerate(bids) if not self.repo.has_blob(bid)]
-        compressed: list[bytes | None] = [None] * len(chunks)
+        compressed: list[Frame | None] = [None] * len(chunks)
         for i, data in zip(new, self._compress_all([chunks[i] for i in new]), strict=True):
             compressed[i] = data
         return list(zip(bids, compressed, strict=True))
 
-    def _compress_all(self, chunks: list[bytes | bytearray | memoryview]) -> list[bytes]:
+    def _compress_all(self, chunks: list[bytes | bytearray | memoryview]) -> list[Frame]:
         zstd = self._tls.zstd
         if _MULTI_COMPRESS and chunks:  # the GIL is released once for the batch, not once per chunk
             frames = zstd.multi_compress_to_buffer(chunks)
-            return [frames[i].tobytes() for i in range(len(frames))]
+            # Views, not copies: the pack joins them once (they keep the batch's buffer alive until then).
+            return [memoryview(frames[i]) for i in range(len(frames))]  # type: ignore[arg-type]  # a buffer; stubs lag
         return [zstd.compress(chunk) for chunk in chunks]
 
     def _drain(self, everything: bool = False) -> None:

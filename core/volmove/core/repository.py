@@ -245,7 +245,7 @@ class PackWriter:
     def __init__(self, repo: Repository, target: int = PACK_TARGET) -> None:
         self.repo = repo
         self.target = target
-        self.parts: list[bytes] = []  # joined once, by the upload: no copy per blob
+        self.parts: list[bytes | memoryview] = []  # joined once, by the upload: no copy per blob
         self.size = 0
         self.rows: list[BlobRow] = []
         self.written: dict[str, list[BlobRow]] = {}
@@ -254,7 +254,7 @@ class PackWriter:
         self._uploads: list[Future[tuple[str, list[BlobRow]]]] = []
         self._pool = ThreadPoolExecutor(PACK_UPLOADS_IN_FLIGHT, thread_name_prefix="pack-upload")
 
-    def add(self, bid: str, btype: str, compressed: bytes, raw_length: int) -> bool:
+    def add(self, bid: str, btype: str, compressed: bytes | memoryview, raw_length: int) -> bool:
         """Queue a blob unless the repository or this run already has it."""
         if bid in self._pending or self.repo.has_blob(bid):
             return False
@@ -275,7 +275,7 @@ class PackWriter:
         self._wait(PACK_UPLOADS_IN_FLIGHT - 1)  # bounds memory: at most this many packs buffered
         self._uploads.append(self._pool.submit(self._upload, parts, rows))
 
-    def _upload(self, parts: list[bytes], rows: list[BlobRow]) -> tuple[str, list[BlobRow]]:
+    def _upload(self, parts: list[bytes | memoryview], rows: list[BlobRow]) -> tuple[str, list[BlobRow]]:
         # The header and the joining are done here, off the thread that produces the blobs.
         header = encode_pack_header(rows)
         # Named by its header's hash: the header names every blob by its hash, offset and length,
