@@ -35,3 +35,19 @@ def test_running_backup_does_not_import_the_service() -> None:
             " if m.startswith('volmove.service.') and m != 'volmove.service.client'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.2, 0.3])  # after the interpreter itself started
+def test_ctrl_c_while_starting_is_one_line_and_130(delay: float) -> None:
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", "from volmove.cli.main import main; main()", "backup", "v"],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "DOCKER_HOST": "unix:///nonexistent"})
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert "Traceback" not in err
+    assert proc.returncode in (130, 5), err  # 5: it got as far as finding no Docker engine
+    assert len(err.strip().splitlines()) == 1

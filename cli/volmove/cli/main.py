@@ -4,17 +4,23 @@ Only the module of the command being run is imported: importing all of them
 (the service, the scheduler, the fleet client) cost ~0.2 s before any work,
 which a quick incremental backup would feel.  ``--help`` and unknown names load
 them all, so typer's help and error messages are the usual ones.
+
+Everything but the standard library is imported inside ``main``, so that Ctrl-C
+during start-up is one line and exit code 130, like Ctrl-C at any other time.
 """
 
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import typer
+if TYPE_CHECKING:
+    import typer
+
+INTERRUPTED = 130
 
 # name -> (module, attribute); a Typer attribute is a group of sub-commands.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -37,6 +43,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_app(names: Sequence[str] = tuple(COMMANDS)) -> typer.Typer:
+    import typer  # here, not above: see the module's docstring
+
     app = typer.Typer(
         name="volmove", help="Back up, migrate and recover Docker volumes.", no_args_is_help=True,
         pretty_exceptions_enable=False, add_completion=False,
@@ -63,6 +71,13 @@ def command_named(argv: Sequence[str]) -> str | None:
 
 
 def main() -> None:
+    import logging
+
     logging.basicConfig(level=os.environ.get("VOLMOVE_LOG", "WARNING"), format="volmove: %(levelname)s: %(message)s")
     name = command_named(sys.argv[1:])
-    build_app([name] if name else tuple(COMMANDS))()
+    try:
+        app = build_app([name] if name else tuple(COMMANDS))
+    except KeyboardInterrupt:
+        sys.stderr.write("volmove: error: interrupted while starting; nothing was done\n")
+        sys.exit(INTERRUPTED)
+    app()
