@@ -49,7 +49,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3, help="timings per measurement; the median is reported")
     p.add_argument("--s3", action="store_true", help="also measure volmove against the S3 server")
     p.add_argument("--s3-env", help="env file of the S3 server (default: $VOLMOVE_BENCH_S3_ENV, "
-                                    "/tmp/ceph-s3/s3.env, or the AWS_* variables)")
+                                    "/tmp/volmove-ceph/s3.env, /tmp/ceph-s3/s3.env: the first whose server "
+                                    "answers; or the AWS_* variables)")
     p.add_argument("--json", type=Path, help="write every sample, the summary and the verdicts here")
     p.add_argument("--seed", type=int, default=1, help="seed of the data set")
     p.add_argument("--workdir", type=Path, help="archives and local repositories (default: a temp dir in /var/tmp)")

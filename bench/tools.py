@@ -8,12 +8,14 @@ import shlex
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-S3_ENV_FILES = ("/tmp/ceph-s3/s3.env", "/tmp/volmove-ceph/s3.env")
+S3_ENV_FILES = ("/tmp/volmove-ceph/s3.env", "/tmp/ceph-s3/s3.env")  # scripts/s3-server.sh writes the first
 
 
 class BenchError(Exception):
@@ -129,16 +131,31 @@ class Docker:
 
 def s3_env(env_file: str | None) -> dict[str, str]:
     """The S3 server's settings: an env file of ``export K=V`` lines, or AWS_* already set."""
-    candidates = [env_file] if env_file else [os.environ.get("VOLMOVE_BENCH_S3_ENV", ""), *S3_ENV_FILES]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file():
-            return _parse_env_file(Path(candidate))
     if env_file:
-        raise BenchError(f"no S3 env file at {env_file}")
+        if not Path(env_file).is_file():
+            raise BenchError(f"no S3 env file at {env_file}")
+        return _parse_env_file(Path(env_file))
+    found = [Path(c) for c in (os.environ.get("VOLMOVE_BENCH_S3_ENV", ""), *S3_ENV_FILES) if c and Path(c).is_file()]
+    for path in found:  # a file left by a server that has since stopped is skipped
+        env = _parse_env_file(path)
+        if _answers(env.get("AWS_ENDPOINT_URL", "")):
+            return env
+    if found:
+        raise BenchError(f"--s3: no S3 server answers at the endpoints of {', '.join(map(str, found))}")
     if os.environ.get("AWS_ACCESS_KEY_ID"):
         return {}
     raise BenchError("--s3: no S3 settings found; give --s3-env FILE or set AWS_ACCESS_KEY_ID, "
                      "AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL")
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=3).close()
+    except urllib.error.HTTPError:
+        return True  # an S3 error document is an answer
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _parse_env_file(path: Path) -> dict[str, str]:
