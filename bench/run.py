@@ -29,7 +29,7 @@ from typing import Any
 from contenders import Contender, Context, Reference, Restic, Sample, Volmove, find_binary
 from dataset import GiB, Layout, Mutation, generate, mutate
 from report import render, summarize
-from tools import BenchError, Docker, remove_bucket, s3_env, tool_version, tree_totals, warm_up
+from tools import BenchError, Docker, remove_bucket, s3_env, settle, tool_version, tree_totals, warm_up
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -151,6 +151,9 @@ class Bench:
 
     def _measure(self, name: str, op: str, step: Callable[..., Sample], *args: Any) -> None:
         os.sync()  # nobody pays for the previous contender's writeback
+        waited = settle()  # nor for background work it left running
+        if waited > 5:
+            log(f"  (waited {waited:.0f}s for the machine to go quiet)")
         sample = step(*args)
         os.sync()
         self.results.add(name, op, sample)

@@ -126,6 +126,33 @@ class Docker:
         return names
 
 
+# ---------------------------------------------------------------- quiet machine
+
+QUIET_BUSY = 0.15  # share of the CPUs busy (iowait included) below which the machine counts as quiet
+QUIET_WINDOW = 0.5
+QUIET_MAX_WAIT = 20.0
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies over all CPUs; idle alone counts as not busy."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields) - fields[3], sum(fields)
+
+
+def settle() -> float:
+    """Wait until the machine is quiet (what one step leaves behind, such as the S3
+    server compacting what it just stored or the kernel writing back, must not land
+    on the next contender); returns the seconds waited."""
+    start = time.monotonic()
+    while time.monotonic() - start < QUIET_MAX_WAIT:
+        busy0, total0 = _cpu_times()
+        time.sleep(QUIET_WINDOW)
+        busy1, total1 = _cpu_times()
+        if total1 > total0 and (busy1 - busy0) / (total1 - total0) < QUIET_BUSY:
+            break
+    return time.monotonic() - start
+
+
 # ---------------------------------------------------------------- S3
 
 
