@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,8 @@ from typing import Any
 
 from aiohttp import web
 
-from volmove.core.errors import UnreachableError, UsageError, VolmoveError
+from volmove.core.daemon import run_daemon
+from volmove.core.errors import UnreachableError, UsageError
 from volmove.core.fleet.jobs import Timing
 from volmove.core.fleet.mqtt import Backoff, BrokerConfig, Link
 from volmove.core.fleet.topics import DEFAULT_PREFIX, Topics
@@ -173,22 +173,6 @@ async def serve(cfg: ServiceConfig) -> None:
         await main
 
 
-def _unwrap(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=os.environ.get("VOLMOVE_LOG", "INFO"),
-                        format="volmove-service: %(levelname)s: %(name)s: %(message)s")
-    try:
-        asyncio.run(serve(config(parser().parse_args(argv))))
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except BaseException as exc:  # reported as one line with its exit code
-        err = _unwrap(exc)
-        if isinstance(err, VolmoveError):
-            sys.stderr.write(f"volmove-service: error: {err.message}\n")
-            sys.exit(err.exit_code)
-        raise
+    args = parser().parse_args(argv)
+    run_daemon("volmove-service", lambda: serve(config(args)))

@@ -13,9 +13,9 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 from pathlib import Path
 
+from volmove.core.daemon import run_daemon
 from volmove.core.docker import DockerClient
 from volmove.core.errors import VolmoveError
 from volmove.core.fleet.mqtt import Backoff, BrokerConfig
@@ -111,25 +111,6 @@ async def _first(event: asyncio.Event, task: asyncio.Task[None]) -> None:
         waiter.cancel()
 
 
-def _unwrap(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=os.environ.get("VOLMOVE_LOG", "INFO"),
-                        format="volmove-worker: %(levelname)s: %(name)s: %(message)s")
     args = parser().parse_args(argv)
-    try:
-        asyncio.run(serve(config(args)))
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except BaseException as exc:  # reported as one line with its exit code
-        err = _unwrap(exc)
-        if isinstance(err, VolmoveError):
-            sys.stderr.write(f"volmove-worker: error: {err.message}\n")
-            sys.exit(err.exit_code)
-        if isinstance(err, SystemExit | KeyboardInterrupt | asyncio.CancelledError):
-            sys.exit(0)
-        raise
+    run_daemon("volmove-worker", lambda: serve(config(args)))
