@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from volmove.cli.cmd_jobs import ServiceOpt, client
-from volmove.cli.common import JsonOpt, emit_json, run, stdout
+from volmove.cli.cmd_jobs import ServiceOpt, ask
+from volmove.cli.common import JsonOpt, stdout
 
 
 def cancel(
@@ -16,13 +16,8 @@ def cancel(
 ) -> None:
     """Cancel a job: a queued one never runs, a running one is stopped and cleaned up."""
 
-    async def go() -> dict[str, Any]:
-        async with client(service) as api:
-            return await api.cancel(job)
-
-    doc = run(go, json_out=json_out)
-    if json_out:
-        emit_json(doc)
+    doc = ask(service, json_out, lambda api: api.cancel(job))
+    if doc is None:
         return
     if doc["phase"] == "cancelled":
         stdout.print(f"job {job} cancelled", markup=False)

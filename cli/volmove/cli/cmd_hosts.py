@@ -7,8 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
-from volmove.cli.cmd_jobs import ServiceOpt, ago, client
-from volmove.cli.common import JsonOpt, emit_json, human_bytes, run, table
+from volmove.cli.cmd_jobs import ServiceOpt, ago, ask
+from volmove.cli.common import JsonOpt, human_bytes, table
+from volmove.service.client import ServiceClient
 
 JSON = dict[str, Any]
 
@@ -19,13 +20,11 @@ def hosts(
 ) -> None:
     """List the hosts the service knows, or one host's inventory."""
 
-    async def go() -> Any:
-        async with client(service) as api:
-            return await api.host(name) if name else await api.hosts()
+    async def request(api: ServiceClient) -> Any:  # one host's document, or the list of hosts
+        return await api.host(name) if name else await api.hosts()
 
-    doc = run(go, json_out=json_out)
-    if json_out:
-        emit_json(doc)
+    doc = ask(service, json_out, request)
+    if doc is None:
         return
     now = time.time()
     if name:

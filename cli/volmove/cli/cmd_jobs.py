@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.live import Live
@@ -18,6 +18,8 @@ from volmove.core.progress import Progress
 from volmove.core.repository import default_host
 from volmove.service.client import TERMINAL, ServiceClient, job_error, service_url
 
+T = TypeVar("T")
+
 JSON = dict[str, Any]
 ServiceOpt = Annotated[str | None, typer.Option("--service", envvar="VOLMOVE_SERVICE",
                                                 help="URL of the volmove service, e.g. http://127.0.0.1:8470")]
@@ -28,6 +30,20 @@ def client(service: str | None) -> ServiceClient:
     if not url:
         raise UsageError("no volmove service configured: give --service URL or set VOLMOVE_SERVICE")
     return ServiceClient(url)
+
+
+def ask(service: str | None, json_out: bool, request: Callable[[ServiceClient], Awaitable[T]]) -> T | None:
+    """One request to the service: its answer, or None once it was printed for --json."""
+
+    async def go() -> T:
+        async with client(service) as api:
+            return await request(api)
+
+    doc = run(go, json_out=json_out)
+    if json_out:
+        emit_json(doc)
+        return None
+    return doc
 
 
 def progress_of(doc: JSON) -> Progress:

@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from volmove.cli.cmd_jobs import ServiceOpt, client
-from volmove.cli.common import JsonOpt, emit_json, run, stdout, table
+from volmove.cli.cmd_jobs import ServiceOpt, ask
+from volmove.cli.common import JsonOpt, stdout, table
 from volmove.core.fleet.schedule import KEEP_RULES, ScheduleDef
 
 JSON = dict[str, Any]
@@ -71,15 +71,10 @@ def add(
     counts = dict(zip(KEEP_RULES, (keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly),
                       strict=True))
 
-    async def go() -> JSON:
-        doc = definition(name, cron, jitter=jitter, volumes=volume or [], selector=selector or [], hosts=host or [],
-                         drill_on=drill_on, keep=counts, keep_within=keep_within, tags=tag or [], stop=stop)
-        async with client(service) as api:
-            return await api.add_schedule(doc)
-
-    doc = run(go, json_out=json_out)
-    if json_out:
-        emit_json(doc)
+    doc = ask(service, json_out, lambda api: api.add_schedule(definition(
+        name, cron, jitter=jitter, volumes=volume or [], selector=selector or [], hosts=host or [],
+        drill_on=drill_on, keep=counts, keep_within=keep_within, tags=tag or [], stop=stop)))
+    if doc is None:
         return
     stdout.print(f"schedule {doc['name']} added: {doc['kind']} at {doc['cron']!r}", markup=False)
 
@@ -88,13 +83,8 @@ def add(
 def ls(service: ServiceOpt = None, json_out: JsonOpt = False) -> None:
     """List the schedules, the volumes each covers, and their next and last runs."""
 
-    async def go() -> list[JSON]:
-        async with client(service) as api:
-            return await api.schedules()
-
-    docs = run(go, json_out=json_out)
-    if json_out:
-        emit_json(docs)
+    docs = ask(service, json_out, lambda api: api.schedules())
+    if docs is None:
         return
     table(["schedule", "kind", "cron", "source", "selects", "host", "volume", "next run", "last run", "note"],
           [row for d in docs for row in _rows(d)])
@@ -125,13 +115,7 @@ def rm(name: Annotated[str, typer.Argument(help="The schedule to remove.")],
        service: ServiceOpt = None, json_out: JsonOpt = False) -> None:
     """Remove a schedule added with `volmove schedule add` (running jobs go on)."""
 
-    async def go() -> JSON:
-        async with client(service) as api:
-            return await api.remove_schedule(name)
-
-    doc = run(go, json_out=json_out)
-    if json_out:
-        emit_json(doc)
+    if ask(service, json_out, lambda api: api.remove_schedule(name)) is None:
         return
     stdout.print(f"schedule {name} removed", markup=False)
 
@@ -141,12 +125,7 @@ def run_now(name: Annotated[str, typer.Argument(help="The schedule to run now.")
             service: ServiceOpt = None, json_out: JsonOpt = False) -> None:
     """Start a schedule's jobs now, for every volume it covers (its cron times are unchanged)."""
 
-    async def go() -> list[JSON]:
-        async with client(service) as api:
-            return await api.run_schedule(name)
-
-    docs = run(go, json_out=json_out)
-    if json_out:
-        emit_json(docs)
+    docs = ask(service, json_out, lambda api: api.run_schedule(name))
+    if docs is None:
         return
     table(["host", "volume", "job", "note"], [[d["host"], d["volume"], d["job"] or "-", d["reason"]] for d in docs])
