@@ -43,6 +43,7 @@ from volmove.core.errors import (
     UsageError,
     VolmoveError,
 )
+from volmove.core.files import write_json_durably
 from volmove.core.procs import pid_exists
 
 log = logging.getLogger(__name__)
@@ -277,14 +278,7 @@ class Journal:
         )
 
     def save(self, path: Path) -> None:
-        """Write atomically: a crash leaves the old journal or the new one, never half."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with tmp.open("w") as f:
-            json.dump(asdict(self), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_json_durably(path, asdict(self))
 
     def refs(self) -> list[ContainerRef]:
         return [ContainerRef(c["id"], c["name"], running=False) for c in self.containers]

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
+
+from volmove.core.files import write_json_durably
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,7 @@ class RecordStore:
 
     def save(self, rec: JobRecord) -> None:
         """Atomic and durable: a crash leaves the old record or the new one."""
-        path = self._path(rec.job)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tmp.open("w") as f:
-            json.dump(asdict(rec), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_json_durably(self._path(rec.job), asdict(rec))
 
     def load_all(self) -> dict[str, JobRecord]:
         out = {}
