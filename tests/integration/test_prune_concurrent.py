@@ -29,7 +29,7 @@ ROUNDS = 3
 def leased_backup(storage: Storage, src: Path, volume: str) -> str:
     repo = open_fresh(storage)  # loaded before the lease, as the CLI does
     with held_lease(storage, "shared", "backup", wait=120):
-        repo.reload_index()  # what backup_volume does first under its lease
+        repo.load_index()  # what backup_volume does first under its lease
         return backup_dir(repo, src, volume).id
 
 

@@ -237,7 +237,7 @@ def test_a_backup_must_not_use_an_index_loaded_before_a_prune(tmp_path: Path) ->
     prune(open_fresh(storage), now=later())
     lost = backup_dir(stale, tmp_path / "g", "g")
     assert not verify(open_fresh(storage), [lost], read_data=True).ok
-    stale.reload_index()
+    stale.load_index()
     good = backup_dir(stale, tmp_path / "g", "g")
     assert verify(open_fresh(storage), [good], read_data=True).ok
 
@@ -253,12 +253,12 @@ def test_reload_reads_only_new_index_files_until_one_is_gone(tmp_path: Path, mon
     read: list[str] = []
     real_get = storage.get
     monkeypatch.setattr(storage, "get", lambda key: read.append(key) or real_get(key))
-    mine.reload_index()
+    mine.load_index()
     assert len([k for k in read if k.startswith("index/")]) == 1  # only the new one
     assert all(mine.has_blob(b) for b in other.catalog)
     read.clear()
     prune(open_fresh(storage), now=later())  # replaces every index file
     read.clear()
-    mine.reload_index()
+    mine.load_index()
     assert {k for k in read if k.startswith("index/")} == {i.key for i in storage.list("index/")}
     assert mine.index == open_fresh(storage).index

@@ -231,10 +231,13 @@ class BackupEngine:
         """Where the parent's chunks of a changed large file lie, if it can guide re-chunking."""
         if old is None or old.sparse or not old.chunks:
             return None
-        refs = [self.repo.index.get(bid) for bid in old.chunks]
-        if any(ref is None for ref in refs):
-            return None
-        return old_layout([(bid, ref.raw_length) for bid, ref in zip(old.chunks, refs, strict=True) if ref])
+        lengths = []
+        for bid in old.chunks:
+            ref = self.repo.index.get(bid)
+            if ref is None:
+                return None  # a prune removed it: chunk the file afresh
+            lengths.append((bid, ref.raw_length))
+        return old_layout(lengths)
 
     def _read_guided(self, fd: int, entry: Entry, old: list[OldChunk]) -> None:
         """Re-chunk a changed file, reusing the old chunks that are still where they were."""

@@ -178,9 +178,10 @@ def _backup_base(repo: Repository, volume: str, host: str,
                  adopt: bool) -> tuple[Snapshot | None, ParentCatalog | None]:
     """The index as storage holds it now (a prune may have run since it was loaded)
     and the parent snapshot with its catalog, for change detection."""
-    repo.reload_index()
     if adopt:
-        repo.adopt_orphan_packs()  # under the backup's shared lease: no prune is deleting packs
+        repo.adopt_orphan_packs()  # loads the index too; under the backup's shared lease, no prune deletes packs
+    else:
+        repo.load_index()
     parent = _latest(repo, volume, host)
     return parent, load_catalog_map(repo, parent) if parent else None
 

@@ -102,10 +102,6 @@ class Repository:
             for bid, ref in rows:
                 self.index.setdefault(bid, ref)
 
-    def reload_index(self) -> None:
-        """The index as storage holds it now (see load_index: only what changed is read)."""
-        self.load_index()
-
     def read_index_file(self, key: str) -> list[tuple[str, BlobRef]]:
         return self._read_index(key)
 
