@@ -107,7 +107,8 @@ class ScheduleStore:
         self._lock = threading.Lock()
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:  # never while a thread is inside a statement: sqlite3 would crash the process
+            self._db.close()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

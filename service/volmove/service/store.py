@@ -49,7 +49,8 @@ class Store:
             raise StorageError(f"service database has schema {row[0]}, this version reads {SCHEMA_VERSION}")
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:  # never while a thread is inside a statement: sqlite3 would crash the process
+            self._db.close()
 
     def save(self, jobs: Iterable[Job], hosts: Iterable[HostState]) -> None:
         """One transaction: a batch of transitions is stored whole or not at all."""
