@@ -9,14 +9,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from volmove.core.backup import BackupEngine, load_catalog_map
+from volmove.core.format import DEFAULT_HASH
 from volmove.core.repository import Repository, init_repository
 from volmove.core.restore import Restorer, RestoreResult
 from volmove.core.snapshot import Snapshot, VolumeSpec
 from volmove.core.storage.base import Storage
 
 
-def new_repo(storage: Storage) -> Repository:
-    init_repository(storage)
+def new_repo(storage: Storage, hash_name: str = DEFAULT_HASH) -> Repository:
+    init_repository(storage, hash_name=hash_name)
     repo = Repository.open(storage)
     repo.load_index()
     return repo

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from volmove.core.format import blob_id, encode_pack_header, pack_id_matches
+from volmove.core.format import encode_pack_header, object_id, pack_id_matches
 
 
 def _pack() -> tuple[bytes, bytes]:
@@ -13,18 +13,18 @@ def _pack() -> tuple[bytes, bytes]:
 
 def test_new_packs_are_named_by_their_header() -> None:
     pack, header = _pack()
-    assert pack_id_matches(blob_id(header), pack)
+    assert pack_id_matches(object_id(header), pack)
 
 
 def test_older_packs_named_by_the_whole_pack_still_match() -> None:
     pack, _ = _pack()
-    assert pack_id_matches(blob_id(pack), pack)
+    assert pack_id_matches(object_id(pack), pack)
 
 
 def test_a_changed_header_or_a_foreign_object_does_not_match() -> None:
     pack, header = _pack()
     flipped = bytearray(pack)
     flipped[len(pack) - len(header) + 3] ^= 1
-    assert not pack_id_matches(blob_id(header), bytes(flipped))
-    assert not pack_id_matches(blob_id(header), b"short")
-    assert not pack_id_matches(blob_id(header), b"x" * 100)
+    assert not pack_id_matches(object_id(header), bytes(flipped))
+    assert not pack_id_matches(object_id(header), b"short")
+    assert not pack_id_matches(object_id(header), b"x" * 100)

@@ -24,7 +24,7 @@ import zstandard
 from tests.engine_helpers import backup_dir, new_repo, restore_dir, tree_state
 from volmove.core.catalog import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, HARDLINK, SOCKET, SYMLINK, Entry
 from volmove.core.errors import CorruptDataError, UnsafeDataError
-from volmove.core.format import BLOB_DATA, BLOB_META, blob_id, pack_key, snapshot_key
+from volmove.core.format import BLOB_DATA, BLOB_HASHES, BLOB_META, DEFAULT_HASH, pack_key, snapshot_key
 from volmove.core.repository import PackWriter, Repository
 from volmove.core.restore import RestoreResult
 from volmove.core.snapshot import Snapshot, SnapshotStats, VolumeSpec
@@ -35,6 +35,8 @@ from volmove.core.storage.memory import MemoryStorage
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="restoring owners and device nodes needs root")
 
 Line = Entry | dict[str, Any] | str
+
+blob_id = BLOB_HASHES[DEFAULT_HASH]  # the hash of the repositories these tests forge
 
 
 class Forge:

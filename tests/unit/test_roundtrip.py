@@ -42,13 +42,13 @@ def make_tree(root: Path) -> None:
     os.utime(root / "dir/sub", ns=(1, 1_000_000_001))
 
 
-@pytest.mark.parametrize("backend", ["memory", "local"])
-def test_round_trip_is_exact(tmp_path: Path, backend: str) -> None:
+@pytest.mark.parametrize(("backend", "hash_name"), [("memory", "blake3"), ("local", "blake3"), ("local", "sha256")])
+def test_round_trip_is_exact(tmp_path: Path, backend: str, hash_name: str) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     make_tree(src)
     storage = MemoryStorage() if backend == "memory" else LocalStorage(tmp_path / "repo", create=True)
-    repo = new_repo(storage)
+    repo = new_repo(storage, hash_name)
     snap = backup_dir(repo, src)
     result = restore_dir(repo, snap, dst)
     assert result.warnings == []

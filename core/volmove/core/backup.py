@@ -28,7 +28,7 @@ import zstandard
 from volmove.core.catalog import DIR, FILE, Entry
 from volmove.core.chunker import StreamChunker, chunk_all
 from volmove.core.errors import CancelledByUser, CorruptDataError, StorageError
-from volmove.core.format import BLOB_DATA, BLOB_META, ChunkerParams, blob_id
+from volmove.core.format import BLOB_DATA, BLOB_META, ChunkerParams, Hasher
 from volmove.core.fswalk import FILE_FLAGS, Item, data_extents, read_fd_xattrs, walk
 from volmove.core.progress import Progress, ProgressFn, no_progress
 from volmove.core.rechunk import OldChunk, guided_chunks, old_layout
@@ -90,6 +90,7 @@ class BackupEngine:
                  workers: int = 2) -> None:
         self.repo = repo
         self.params: ChunkerParams = repo.config.chunker
+        self.blob_id = repo.blob_id
         self.parent = parent or ParentCatalog(iter(()))
         self.report = progress
         self.cancel = cancel or threading.Event()
@@ -241,7 +242,7 @@ class BackupEngine:
 
     def _read_guided(self, fd: int, entry: Entry, old: list[OldChunk]) -> None:
         """Re-chunk a changed file, reusing the old chunks that are still where they were."""
-        verifier = _Verifier(self.pool, fd, old)
+        verifier = _Verifier(self.pool, fd, old, self.blob_id)
         size = 0
         try:
             for reused, data in guided_chunks(old, verifier.still_there, lambda off, n: _pread(fd, n, off),
@@ -270,7 +271,7 @@ class BackupEngine:
         for chunk in chunks:
             batch.owners.append(entry)
             batch.chunks.append(chunk)
-            batch.ids.append(blob_id(chunk) if len(chunk) < SMALL_CHUNK else None)
+            batch.ids.append(self.blob_id(chunk) if len(chunk) < SMALL_CHUNK else None)
             batch.lengths.append(len(chunk))
             batch.nbytes += len(chunk)
         if batch.nbytes >= BATCH_BYTES:
@@ -287,6 +288,7 @@ class BackupEngine:
 
     def _hash_compress(self, chunks: list[memoryview], ids: list[str | None]) -> list[BlobResult]:
         """In the pool: the chunks' ids, and the chunks the repository lacks compressed."""
+        blob_id = self.blob_id
         bids = [bid or blob_id(chunk) for bid, chunk in zip(ids, chunks, strict=True)]
         new = [i for i, bid in enumerate(bids) if not self.repo.has_blob(bid)]
         compressed: list[Frame | None] = [None] * len(chunks)
@@ -342,8 +344,8 @@ class _Verifier:
     """Checks in the pool, a few MiB per job and a few jobs ahead, which old chunks
     a changed file still holds at their offsets (reads and hashes release the GIL)."""
 
-    def __init__(self, pool: ThreadPoolExecutor, fd: int, old: list[OldChunk]) -> None:
-        self.pool, self.fd, self.old = pool, fd, old
+    def __init__(self, pool: ThreadPoolExecutor, fd: int, old: list[OldChunk], blob_id: Hasher) -> None:
+        self.pool, self.fd, self.old, self.blob_id = pool, fd, old, blob_id
         self.groups: list[tuple[int, int]] = []  # [first, end) chunk indexes per job
         first = 0
         while first < len(old):
@@ -369,7 +371,7 @@ class _Verifier:
         out = []
         for c in self.old[first:end]:
             piece = data[c.offset - start : c.offset - start + c.length]
-            out.append(len(piece) == c.length and blob_id(piece) == c.id)
+            out.append(len(piece) == c.length and self.blob_id(piece) == c.id)
         return out
 
     def close(self) -> None:
@@ -413,6 +415,7 @@ class _CatalogWriter:
 
     def __init__(self, repo: Repository, packs: PackWriter) -> None:
         self.packs = packs
+        self.blob_id = repo.blob_id
         self.chunker = StreamChunker(repo.config.chunker)
         self.zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
         self.buf: list[bytes] = []
@@ -436,7 +439,7 @@ class _CatalogWriter:
 
     def _store(self, chunks: Iterator[memoryview]) -> None:
         for chunk in chunks:
-            bid = blob_id(chunk)
+            bid = self.blob_id(chunk)
             self.ids.append(bid)
             self.packs.add(bid, BLOB_META, self.zstd.compress(chunk), len(chunk))
 

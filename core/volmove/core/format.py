@@ -11,9 +11,11 @@ import hashlib
 import json
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import blake3
 import zstandard
 
 from volmove.core.errors import CorruptDataError, RepositoryError
@@ -33,8 +35,22 @@ BLOB_META = "m"
 BLOB_TYPES = frozenset({BLOB_DATA, BLOB_META})
 
 
-def blob_id(data: bytes | memoryview) -> str:
+Hasher = Callable[[bytes | memoryview], str]
+
+
+def object_id(data: bytes | memoryview) -> str:
+    """The name of a stored object (pack, index, snapshot): SHA-256 of what names it."""
     return hashlib.sha256(data).hexdigest()
+
+
+def _blake3_id(data: bytes | memoryview) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+# How a repository names its blobs (config ``hash``).  BLAKE3 hashes ~3x faster than SHA-256 here,
+# which is most of what a backup of a slightly changed volume spends on its large files.
+BLOB_HASHES: dict[str, Hasher] = {"sha256": object_id, "blake3": _blake3_id}
+DEFAULT_HASH = "blake3"
 
 
 _HEX_ID = re.compile(r"[0-9a-f]{64}")
@@ -75,7 +91,12 @@ class RepoConfig:
     features: tuple[str, ...] = ()
     chunker: ChunkerParams = field(default_factory=ChunkerParams)
     compression: str = "zstd"
-    hash: str = "sha256"
+    hash: str = DEFAULT_HASH
+
+    @property
+    def blob_id(self) -> Hasher:
+        """The id of a blob's raw bytes in this repository."""
+        return BLOB_HASHES[self.hash]
 
     def to_json(self) -> bytes:
         doc = {
@@ -107,9 +128,11 @@ class RepoConfig:
         params = ChunkerParams(
             _int(ch, "min", 64, 1 << 24), _int(ch, "avg", 256, 1 << 26), _int(ch, "max", 1024, 1 << 27)
         )
-        if doc.get("compression") != "zstd" or doc.get("hash") != "sha256":
+        hash_name = doc.get("hash")
+        if doc.get("compression") != "zstd" or not isinstance(hash_name, str) or hash_name not in BLOB_HASHES:
             raise RepositoryError("repository uses a compression or hash this volmove does not know")
-        return cls(id=str(doc.get("id")), created=str(doc.get("created")), features=tuple(features), chunker=params)
+        return cls(id=str(doc.get("id")), created=str(doc.get("created")), features=tuple(features),
+                   chunker=params, hash=str(hash_name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,9 +159,9 @@ def pack_id_matches(pack_id: str, data: bytes) -> bool:
     if len(data) >= TRAILER.size:
         hlen, magic = TRAILER.unpack(data[-TRAILER.size :])
         end = len(data) - TRAILER.size
-        if magic == PACK_MAGIC and hlen <= end and blob_id(memoryview(data)[end - hlen :]) == pack_id:
+        if magic == PACK_MAGIC and hlen <= end and object_id(memoryview(data)[end - hlen :]) == pack_id:
             return True
-    return blob_id(data) == pack_id
+    return object_id(data) == pack_id
 
 
 def decode_pack_header(pack_id: str, tail: bytes, pack_size: int) -> list[tuple[str, BlobRef]]:
@@ -160,7 +183,7 @@ def encode_index(packs: dict[str, list[tuple[str, str, int, int, int]]]) -> byte
 
 
 def decode_index(index_id: str, raw: bytes) -> list[tuple[str, BlobRef]]:
-    if blob_id(raw) != index_id:
+    if object_id(raw) != index_id:
         raise CorruptDataError(f"index {index_id} does not match its hash")
     doc = _load_json(decompress_meta(raw, f"index {index_id}"), f"index {index_id}")
     packs = doc.get("packs")

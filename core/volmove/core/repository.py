@@ -19,10 +19,11 @@ from volmove.core.errors import ConflictError, CorruptDataError, NotFoundError, 
 from volmove.core.format import (
     BLOB_META,
     CONFIG_KEY,
+    DEFAULT_HASH,
     BlobRef,
     ChunkerParams,
+    Hasher,
     RepoConfig,
-    blob_id,
     bounded_decompress,
     decode_index,
     decode_pack_header,
@@ -30,6 +31,7 @@ from volmove.core.format import (
     encode_pack_header,
     id_from_key,
     index_key,
+    object_id,
     pack_key,
     snapshot_key,
 )
@@ -41,11 +43,13 @@ PACK_UPLOADS_IN_FLIGHT = 2
 BlobRow = tuple[str, str, int, int, int]  # id, type, offset, length, raw length
 
 
-def init_repository(storage: Storage, params: ChunkerParams | None = None) -> RepoConfig:
+def init_repository(storage: Storage, params: ChunkerParams | None = None,
+                    hash_name: str = DEFAULT_HASH) -> RepoConfig:
     config = RepoConfig(
         id=secrets.token_hex(16),
         created=datetime.now(UTC).isoformat(),
         chunker=params or ChunkerParams(),
+        hash=hash_name,
     )
     try:
         storage.put(CONFIG_KEY, config.to_json())
@@ -58,6 +62,7 @@ class Repository:
     def __init__(self, storage: Storage, config: RepoConfig) -> None:
         self.storage = storage
         self.config = config
+        self.blob_id = config.blob_id
         self.index: dict[str, BlobRef] = {}
         self._index_keys: set[str] = set()  # the index files ``index`` was read from
         self._index_lock = threading.Lock()
@@ -116,7 +121,7 @@ class Repository:
         if not packs:
             return None
         raw = encode_index(packs)
-        index_id = blob_id(raw)
+        index_id = object_id(raw)
         self._put_once(index_key(index_id), raw)
         return index_id
 
@@ -164,7 +169,7 @@ class Repository:
                 raw = self.storage.get_range(pack_key(ref.pack), ref.offset, ref.length)
             except NotFoundError:
                 raise CorruptDataError(f"pack {ref.pack} holding blob {bid} is missing") from None
-        return check_blob(bid, ref, raw)
+        return check_blob(bid, ref, raw, self.blob_id)
 
     def read_pack(self, pack_id: str) -> bytes:
         try:
@@ -176,7 +181,7 @@ class Repository:
 
     def save_snapshot(self, snapshot: Snapshot) -> str:
         raw = snapshot.to_json()
-        sid = blob_id(raw)
+        sid = object_id(raw)
         self._put_once(snapshot_key(sid), raw)
         return sid
 
@@ -228,7 +233,7 @@ class Repository:
             raise CorruptDataError(f"catalog of snapshot {snapshot.id[:8]} is truncated")
 
 
-def check_blob(bid: str, ref: BlobRef, raw: bytes | memoryview) -> bytes:
+def check_blob(bid: str, ref: BlobRef, raw: bytes | memoryview, blob_id: Hasher) -> bytes:
     data = bounded_decompress(raw, ref.raw_length, f"blob {bid} in pack {ref.pack}")
     if len(data) != ref.raw_length or blob_id(data) != bid:
         raise CorruptDataError(f"blob {bid} in pack {ref.pack} does not match its hash")
@@ -276,7 +281,7 @@ class PackWriter:
         header = encode_pack_header(rows)
         # Named by its header's hash: the header names every blob by its hash, offset and length,
         # so this is as unique as hashing the whole pack, without hashing its bytes twice.
-        pack_id = blob_id(header)
+        pack_id = object_id(header)
         parts.append(header)
         data = b"".join(parts)
         parts.clear()  # the blobs are in ``data`` now: do not hold them twice during the upload

@@ -48,7 +48,7 @@ from volmove.core.catalog import (
     parse_entry,
 )
 from volmove.core.errors import CancelledByUser, ConflictError, CorruptDataError, NotFoundError, StorageError
-from volmove.core.format import BlobRef, blob_id, pack_key
+from volmove.core.format import BlobRef, pack_key
 from volmove.core.fswalk import DIR_FLAGS
 from volmove.core.progress import Progress, ProgressFn, no_progress
 from volmove.core.repository import Repository
@@ -203,7 +203,7 @@ class BlobFetcher:
             data: bytes = self._decoders.dctx.decompress(raw, max_output_size=ref.raw_length)
         except zstandard.ZstdError as exc:
             raise CorruptDataError(f"blob {bid} in pack {ref.pack} cannot be decompressed: {exc}") from None
-        if len(data) != ref.raw_length or blob_id(data) != bid:
+        if len(data) != ref.raw_length or self.repo.blob_id(data) != bid:
             raise CorruptDataError(f"blob {bid} in pack {ref.pack} does not match its hash")
         return data
 

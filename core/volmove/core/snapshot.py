@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from volmove.core.errors import CorruptDataError
-from volmove.core.format import blob_id, is_hex_id
+from volmove.core.format import is_hex_id, object_id
 
 SNAPSHOT_VERSION = 1
 
@@ -84,7 +84,7 @@ class Snapshot:
 
     @classmethod
     def from_json(cls, snapshot_id: str, raw: bytes) -> Snapshot:
-        if blob_id(raw) != snapshot_id:
+        if object_id(raw) != snapshot_id:
             raise CorruptDataError(f"snapshot {snapshot_id} does not match its hash")
         try:
             doc = json.loads(raw)

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from volmove.core.catalog import FILE, CatalogValidator, Entry, parse_entry
 from volmove.core.chunker import StreamChunker
 from volmove.core.errors import CancelledByUser, CorruptDataError, VolmoveError
-from volmove.core.format import blob_id, id_from_key, is_hex_id, pack_id_matches
+from volmove.core.format import id_from_key, is_hex_id, pack_id_matches
 from volmove.core.fswalk import FILE_FLAGS, Item, data_extents, walk
 from volmove.core.progress import Progress, ProgressFn, no_progress
 from volmove.core.repository import Repository, check_blob
@@ -105,7 +105,8 @@ def _read_packs(repo: Repository, blobs: set[str], report: VerifyReport, progres
             if not intact:
                 report.errors.append(f"pack {pack_id} does not match its hash")
             for bid in bids:
-                check_blob(bid, repo.index[bid], memoryview(data)[repo.index[bid].offset:][: repo.index[bid].length])
+                ref = repo.index[bid]
+                check_blob(bid, ref, memoryview(data)[ref.offset : ref.offset + ref.length], repo.blob_id)
         except CorruptDataError as exc:
             report.errors.append(str(exc))
             continue
@@ -187,6 +188,7 @@ def _chunk_ids(repo: Repository, item: Item) -> list[str]:
         item.entry.extents = extents
         chunker = StreamChunker(repo.config.chunker)
         ids: list[str] = []
+        blob_id = repo.blob_id
         for start, length in extents if extents is not None else [(0, item.entry.size)]:
             pos, end = start, start + length
             while pos < end:
