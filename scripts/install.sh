@@ -33,4 +33,7 @@ if [ "$DEV" = 1 ]; then
 else
     .venv/bin/pip install -q -e .
 fi
+# An editable install leaves volmove's own modules uncompiled; compile them now so that no
+# run pays for it (each would, wherever PYTHONDONTWRITEBYTECODE is set).
+.venv/bin/python -m compileall -q core cli service workers >/dev/null
 echo "install: volmove installed in $(pwd)/.venv" >&2
