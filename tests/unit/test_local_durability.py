@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,47 @@ def test_explicit_sync_and_nothing_to_sync(tmp_path: Path, syncs: list[Path]) ->
     storage.sync()
     storage.sync()
     assert syncs == [tmp_path]
+
+
+SIZES = [local.DIRECT_MIN, local.DIRECT_MIN + 1, 3 * local.DIRECT_MIN + local.DIRECT_ALIGN - 1, 20 << 20]
+
+
+def _patterned(size: int, seed: int) -> bytes:
+    block = bytes((seed + i * 7) % 251 for i in range(4093))  # no alignment in the pattern either
+    return (block * (size // len(block) + 1))[:size]
+
+
+@pytest.mark.parametrize("where", ["disk", "tmpfs"])
+def test_packs_written_past_the_page_cache_read_back_exactly(tmp_path: Path, where: str) -> None:
+    root = tmp_path if where == "disk" else Path("/dev/shm") / tmp_path.name
+    storage = LocalStorage(root, create=True)
+    try:
+        datas = [_patterned(size, i) for i, size in enumerate(SIZES)]
+        for i, data in enumerate(datas):
+            storage.put(f"data/ab/ab{i}", data)
+        storage.put("index/1", b"names them")  # syncs the packs' buffered tails
+        for i, data in enumerate(datas):
+            assert storage.get(f"data/ab/ab{i}") == data
+            assert storage.get_range(f"data/ab/ab{i}", len(data) - 5000, 5000) == data[-5000:]
+        assert not list(root.glob("data/ab/.tmp-*"))
+    finally:
+        if where == "tmpfs":
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_filesystem_refusing_direct_writes_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EINVAL from the direct write (alignment rules of some filesystems) rewrites the object buffered."""
+    storage = LocalStorage(tmp_path)
+    real_write = local.os.write
+
+    def refuse_direct(fd: int, data: bytes) -> int:
+        if local.fcntl.fcntl(fd, local.fcntl.F_GETFL) & local._O_DIRECT:
+            raise OSError(local.errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(local.os, "write", refuse_direct)
+    data = _patterned(SIZES[2], 3)
+    storage.put("data/ab/ab0", data)
+    assert storage._direct is False
+    storage.put("data/ab/ab1", data)  # not tried again
+    assert storage.get("data/ab/ab0") == data == storage.get("data/ab/ab1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import sys
@@ -60,6 +61,9 @@ def open_repo(url: str | None, *, load_index: bool = True) -> Repository:
 
 def run(make: Callable[[], Awaitable[T]], *, json_out: bool) -> T:
     """Run one command's coroutine; every failure becomes one line and an exit code."""
+    # Everything imported so far lives until exit: keep it out of the cyclic collector's full
+    # passes, which otherwise walk it again and again while a backup creates an entry per file.
+    gc.freeze()
     try:
         return asyncio.run(_call(make))
     except CancelledByUser:
