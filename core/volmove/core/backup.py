@@ -106,14 +106,21 @@ class BackupEngine:
         self.warnings: list[str] = []
         self._tls = _Compressors()
         self._last_report = 0.0
+        self.started = time.monotonic()
 
     def run(self, root_fd: int, totals: tuple[int, int] | None = None) -> BackupResult:
         """Back up the tree below an open directory descriptor."""
+        self.read(root_fd, totals)
+        return self.finish()
+
+    def read(self, root_fd: int, totals: tuple[int, int] | None = None) -> None:
+        """The part of ``run`` that reads the tree; ``finish`` (or ``abort``) must follow.
+        The source is not needed once this returns."""
         def add_all() -> None:
             for item in walk(root_fd, file_xattrs=False):  # read through the file's descriptor instead
                 self._check_cancel()
                 self._add(item)
-        return self._run(add_all, totals)
+        self._read_all(add_all, totals)
 
     def run_stream(self, items: Iterable[SourceEntry], totals: tuple[int, int] | None = None) -> BackupResult:
         """Back up entries that arrive with their content (a tar from a remote engine), in catalog order."""
@@ -121,15 +128,23 @@ class BackupEngine:
             for entry, data in items:
                 self._check_cancel()
                 self._add_streamed(entry, data)
-        return self._run(add_all, totals)
+        self._read_all(add_all, totals)
+        return self.finish()
 
-    def _run(self, add_all: Callable[[], None], totals: tuple[int, int] | None) -> BackupResult:
-        started = time.monotonic()
+    def _read_all(self, add_all: Callable[[], None], totals: tuple[int, int] | None) -> None:
+        self.started = time.monotonic()
         if totals:
             self.progress.files_total, self.progress.bytes_total = totals
         try:
             add_all()
             self._queue_batch()
+        except BaseException:
+            self.abort()
+            raise
+
+    def finish(self) -> BackupResult:
+        """Store what is still in flight, then the catalog, the last packs and the index."""
+        try:
             self._drain(everything=True)
             catalog = self.catalog.finish()
             self.repo.write_index(self.packs.finish())  # packs, then index; the caller commits the manifest
@@ -141,8 +156,13 @@ class BackupEngine:
         self.progress.phase = "done"
         self.report(self.progress)
         stats = SnapshotStats(**self.counts, stored_bytes=self.packs.stored_bytes,
-                              duration=round(time.monotonic() - started, 3))
+                              duration=round(time.monotonic() - self.started, 3))
         return BackupResult(catalog, self.catalog.entries, stats, self.warnings)
+
+    def abort(self) -> None:
+        """Give up: no more hashing, compressing or uploading (nothing is committed)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.packs.abort()
 
     def _add_streamed(self, entry: Entry, data: Iterable[bytes] | None) -> None:
         self.counts["files" if entry.type == FILE else "dirs" if entry.type == DIR else "other"] += 1

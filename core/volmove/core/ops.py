@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from volmove.core.backup import BackupEngine, BackupResult, ParentCatalog, load_catalog_map
 from volmove.core.docker import DATA_PATH, ContainerRef, DockerClient, HelperContainer, MountSpec, VolumeInfo
@@ -45,10 +45,10 @@ def state_dir() -> Path:
     return path
 
 
-async def run_cancellable(fn: Callable[[threading.Event], T]) -> T:
+async def run_cancellable(fn: Callable[[threading.Event], T], cancel: threading.Event | None = None) -> T:
     """Run blocking data-path work in a thread; cancelling the task asks it to stop
-    and waits for it, so no thread outlives the operation that started it."""
-    cancel = threading.Event()
+    (sets ``cancel``) and waits for it, so no thread outlives the operation that started it."""
+    cancel = cancel or threading.Event()
     task = asyncio.ensure_future(asyncio.to_thread(fn, cancel))
     try:
         return await asyncio.shield(task)
@@ -114,14 +114,21 @@ async def backup_volume(docker: DockerClient, repo: Repository, req: BackupReque
             hooks = BackupHooks(docker, await docker.containers_using(spec.name) if spec.kind == "volume" else [])
             journal = state_dir() / f"stopped-{os.getpid()}-{spec.name.replace('/', '_')}.json"
             started = datetime.now(UTC)
+            finishing: asyncio.Future[BackupResult] | None = None
             async with hooks.around(), docker.stopped(to_stop, journal), \
                     docker.helper(mount, read_only=True) as helper:
                 parent, parent_map = await base
-                result = await _read_volume(docker, repo, helper, parent, parent_map, progress)
+                engine = await _read_volume(docker, repo, helper, parent, parent_map, progress)
+                # The rest (the last batches, packs and index) needs neither the helper nor the
+                # stopped containers: it runs while the helper goes and the containers start again.
+                finishing = asyncio.ensure_future(run_cancellable(lambda _: engine.finish(), engine.cancel))
+            result = await finishing
         finally:
-            await asyncio.wait([base])  # no thread outlives the lease
-            if not base.cancelled():
-                base.exception()  # raised above already, or superseded by what was
+            for task in (base, finishing):
+                if task is not None:
+                    await asyncio.wait([task])  # no thread outlives the lease
+                    if not task.cancelled():
+                        task.exception()  # raised above already, or superseded by what was
         snap = Snapshot(time=started, host=host, volume=spec, catalog=tuple(result.catalog), entries=result.entries,
                         stats=result.stats, tags=req.tags, parent=parent.id if parent else None)
         lease.check()  # a lapsed lease means a prune may have deleted blobs this snapshot names
@@ -131,13 +138,36 @@ async def backup_volume(docker: DockerClient, repo: Repository, req: BackupReque
 
 
 async def _read_volume(docker: DockerClient, repo: Repository, helper: HelperContainer, parent: Snapshot | None,
-                       parent_map: ParentCatalog | None, progress: ProgressFn) -> BackupResult:
+                       parent_map: ParentCatalog | None, progress: ProgressFn) -> _Reading:
+    """Read the volume through the helper; the caller finishes the backup (``_Reading.finish``)."""
     if helper.root is None:
-        return await _read_remote(docker, repo, helper, progress)
-    async with opened_root(helper) as fd:
-        totals = await _progress_totals(fd, parent, progress)
-        return await run_cancellable(
-            lambda cancel: BackupEngine(repo, parent=parent_map, progress=progress, cancel=cancel).run(fd, totals))
+        return _Done(await _read_remote(docker, repo, helper, progress))
+    engine = BackupEngine(repo, parent=parent_map, progress=progress)
+    try:
+        async with opened_root(helper) as fd:
+            totals = await _progress_totals(fd, parent, progress)
+            await run_cancellable(lambda _: engine.read(fd, totals), engine.cancel)
+    except BaseException:
+        engine.abort()  # idempotent: a failed read aborted already
+        raise
+    return engine
+
+
+class _Reading(Protocol):
+    cancel: threading.Event
+
+    def finish(self) -> BackupResult: ...
+
+
+@dataclass
+class _Done:
+    """A backup read and finished in one go (a remote engine's tar stream)."""
+
+    result: BackupResult
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def finish(self) -> BackupResult:
+        return self.result
 
 
 async def _read_remote(docker: DockerClient, repo: Repository, helper: HelperContainer,
