@@ -16,9 +16,9 @@ from tests.engine_helpers import backup_dir, new_repo
 from volmove.core import backup
 from volmove.core.backup import BackupEngine
 from volmove.core.catalog import parse_entry
-from volmove.core.chunker import StreamChunker, chunk_all
+from volmove.core.chunker import StreamChunker, chunk_all, cuts
 from volmove.core.errors import CancelledByUser
-from volmove.core.format import ChunkerParams
+from volmove.core.format import CDC_2020, CDC_RONOMON, ChunkerParams
 from volmove.core.fswalk import Item, walk
 from volmove.core.repository import Repository
 from volmove.core.snapshot import Snapshot
@@ -227,12 +227,15 @@ def _lines(repo: Repository, catalog: list[str]) -> list[bytes]:
     return b"".join(repo.read_blob(b) for b in catalog).splitlines()
 
 
-@pytest.mark.parametrize("params", [ChunkerParams(), ChunkerParams(64, 256, 1024)])
-def test_chunks_do_not_depend_on_how_the_stream_is_split(params: ChunkerParams) -> None:
+@pytest.mark.parametrize("algorithm", [CDC_2020, CDC_RONOMON])
+@pytest.mark.parametrize("sizes", [(32 << 10, 128 << 10, 512 << 10), (64, 256, 1024), (65, 257, 1025)])
+def test_chunks_do_not_depend_on_how_the_stream_is_split(algorithm: str, sizes: tuple[int, int, int]) -> None:
+    params = ChunkerParams(*sizes, algorithm=algorithm)
     rng = random.Random(3)
-    for data in (rng.randbytes(3_000_000), bytes(2_000_000), b"abc" * 700_000):
-        whole = [bytes(c) for c in chunk_all(data, params)]
+    for data in (rng.randbytes(3_000_001), bytes(2_000_000), b"abc" * 700_001):
+        whole = [bytes(data[off : off + n]) for off, n in cuts(memoryview(data), params)]  # one pass
         assert b"".join(whole) == data
+        assert [bytes(c) for c in chunk_all(data, params)] == whole
         for _ in range(5):
             chunker, out, pos = StreamChunker(params), [], 0
             while pos < len(data):

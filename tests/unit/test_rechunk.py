@@ -8,10 +8,14 @@ import random
 import pytest
 
 from volmove.core.chunker import chunk_bytes
-from volmove.core.format import ChunkerParams
+from volmove.core.format import CDC_2020, CDC_RONOMON, ChunkerParams
 from volmove.core.rechunk import guided_chunks, old_layout
 
-SMALL = ChunkerParams(min_size=2048, avg_size=8192, max_size=32768)
+ALGORITHMS = [CDC_2020, CDC_RONOMON]
+
+
+def small(algorithm: str) -> ChunkerParams:
+    return ChunkerParams(min_size=2048, avg_size=8192, max_size=32768, algorithm=algorithm)
 
 
 def _sid(data: bytes | memoryview) -> str:
@@ -56,32 +60,37 @@ def _mutations(rng: random.Random, data: bytes) -> list[bytes]:
     ]
 
 
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("seed", range(12))
-def test_equals_chunking_the_whole_file(seed: int) -> None:
+def test_equals_chunking_the_whole_file(seed: int, algorithm: str) -> None:
+    params = small(algorithm)
     rng = random.Random(seed)
     text = b" ".join(rng.choice([b"alpha", b"beta", b"gamma", b"delta", b"\n"]) for _ in range(60000))
     data = text[: rng.randint(1, len(text))] if seed % 3 else rng.randbytes(rng.randint(1, 400000))
     for new in _mutations(rng, data):
-        ids, _ = _rechunk(data, new, SMALL)
-        assert ids == [_sid(c) for c in chunk_bytes(new, SMALL)]
+        ids, _ = _rechunk(data, new, params)
+        assert ids == [_sid(c) for c in chunk_bytes(new, params)]
 
 
-def test_an_overwrite_reuses_all_but_the_chunks_it_touches() -> None:
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_an_overwrite_reuses_all_but_the_chunks_it_touches(algorithm: str) -> None:
     rng = random.Random(7)
     data = rng.randbytes(1 << 20)
     new = bytearray(data)
     new[500_000:504_096] = rng.randbytes(4096)
-    ids, reused = _rechunk(data, bytes(new), SMALL)
+    ids, reused = _rechunk(data, bytes(new), small(algorithm))
     assert len(ids) - reused <= 3
     assert reused >= len(ids) - 3 > 20
 
 
-def test_with_the_real_parameters() -> None:
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_with_the_real_parameters(algorithm: str) -> None:
+    params = ChunkerParams(algorithm=algorithm)
     rng = random.Random(3)
     data = rng.randbytes(6 << 20)
     new = bytearray(data)
     for off in (0, 1 << 20, (3 << 20) + 77, len(data) - 65536):
         new[off : off + 65536] = rng.randbytes(65536)
-    ids, reused = _rechunk(data, bytes(new), ChunkerParams())
-    assert ids == [_sid(c) for c in chunk_bytes(bytes(new), ChunkerParams())]
+    ids, reused = _rechunk(data, bytes(new), params)
+    assert ids == [_sid(c) for c in chunk_bytes(bytes(new), params)]
     assert reused >= len(ids) - 10

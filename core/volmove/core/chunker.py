@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import pyfastcdc
 from fastcdc import fastcdc_cy
 
-from volmove.core.format import ChunkerParams
+from volmove.core.format import CDC_2020, ChunkerParams
 
 
 class StreamChunker:
@@ -25,15 +26,20 @@ class StreamChunker:
         """Chunks completed by ``data``; the unfinished tail stays buffered."""
         view = memoryview(data)
         if self._carry:
-            # Only the chunk that spans the two buffers is copied; the rest are views of ``data``.
+            # Only the chunks that start in the carry are copied; the rest are views of ``data``.
+            # They may end inside it: FastCDC 2020 steps two bytes at a time, so it never looks at
+            # the last byte of a buffer of odd length, and a cut can fall there once more data comes.
             carried = len(self._carry)
             head = memoryview(self._carry + view[: self.params.max_size])
-            first = next(self._cuts(head))[1]
-            if first == len(head) and len(view) <= self.params.max_size:
-                self._carry = bytes(head)  # still no cut
-                return
-            yield head[:first]
-            view = view[first - carried :]  # a cut never falls inside the carry: no cut was found there
+            pos = 0
+            while pos < carried:
+                cut = next(self._cuts(head[pos:]))[1]
+                if pos + cut == len(head) and len(view) <= self.params.max_size:
+                    self._carry = bytes(head[pos:])  # still no cut
+                    return
+                yield head[pos : pos + cut]
+                pos += cut
+            view = view[pos - carried :]
         end = 0
         for off, length in self._cuts(view):
             if off + length == len(view):
@@ -49,11 +55,22 @@ class StreamChunker:
             yield buf[off : off + length]
 
     def _cuts(self, buf: memoryview) -> Iterator[tuple[int, int]]:
-        if not len(buf):
-            return
-        p = self.params
-        for chunk in fastcdc_cy.fastcdc_cy(buf, p.min_size, p.avg_size, p.max_size):
+        return cuts(buf, self.params)
+
+
+def cuts(buf: memoryview, params: ChunkerParams) -> Iterator[tuple[int, int]]:
+    """Offset and length of each chunk of ``buf``, the last one ending at its end."""
+    if not len(buf):
+        return
+    p = params
+    if p.algorithm == CDC_2020:
+        # Normalized chunking level 1 and the default gear table (fastcdc-rs's v2020).
+        cdc = pyfastcdc.FastCDC(p.avg_size, min_size=p.min_size, max_size=p.max_size, normalized_chunking=1)
+        for chunk in cdc.cut_buf(buf):
             yield chunk.offset, chunk.length
+    else:
+        for old in fastcdc_cy.fastcdc_cy(buf, p.min_size, p.avg_size, p.max_size):
+            yield old.offset, old.length
 
 
 def chunk_all(data: bytes, params: ChunkerParams) -> list[memoryview]:

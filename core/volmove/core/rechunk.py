@@ -7,7 +7,7 @@ an old chunk at the old chunk's offset, full chunking would cut it there again
 stretches that changed need the chunker, until one of its cuts lands on an old
 boundary again.  The chunks are exactly those of chunking the whole file (the
 tests compare both), at the cost of hashing the old chunks' ranges, which
-threads do in parallel (hashing releases the GIL; chunking does not).
+threads do in parallel (hashing releases the GIL).
 
 Two exceptions keep it exact: an old chunk that ended at the old end of the
 file was cut by the end, not by its content, so it is reused only where the
@@ -20,8 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from fastcdc import fastcdc_cy
-
+from volmove.core.chunker import cuts
 from volmove.core.format import ChunkerParams
 
 READ_AHEAD = 1 << 20
@@ -72,8 +71,7 @@ def first_cut(data: memoryview, params: ChunkerParams) -> int:
     """Length of the chunk that starts ``data``: ``data`` holds max_size bytes, or the rest of the file."""
     if len(data) <= params.min_size:
         return len(data)
-    chunk = next(iter(fastcdc_cy.fastcdc_cy(data, params.min_size, params.avg_size, params.max_size)))
-    return int(chunk.length)
+    return next(cuts(data, params))[1]
 
 
 class _Window:
