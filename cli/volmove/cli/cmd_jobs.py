@@ -6,17 +6,18 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
-from rich.live import Live
-from rich.table import Table
 
 from volmove.cli.common import JsonOpt, emit_json, human_bytes, progress_bar, run, stdout, table
 from volmove.core.errors import UsageError
 from volmove.core.progress import Progress
 from volmove.core.repository import default_host
 from volmove.service.client import TERMINAL, ServiceClient, job_error, service_url
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 T = TypeVar("T")
 
@@ -84,6 +85,8 @@ COLUMNS = ["job", "kind", "host", "volume", "phase", "progress", "created", "err
 
 
 def _table(docs: list[JSON]) -> Table:
+    from rich.table import Table
+
     now = time.time()
     t = Table(*COLUMNS, box=None, header_style="bold")
     for j in sorted(docs, key=lambda d: d["created"], reverse=True):
@@ -133,7 +136,9 @@ async def _watch_live(api: ServiceClient, docs: list[JSON], json_out: bool) -> N
     if json_out:
         await _watch(api, docs, True, lambda _d: None)
         return
-    with Live(_table(docs), console=stdout, auto_refresh=False) as live:
+    from rich.live import Live
+
+    with Live(_table(docs), console=stdout.real, auto_refresh=False) as live:
         await _watch(api, docs, False, lambda d: live.update(_table(list(d.values())), refresh=True))
 
 
