@@ -235,8 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         log("run as root: the benchmark reads and writes volumes through their mountpoints")
         return 2
-    bench = Bench(args)
+    bench = None
     try:
+        bench = Bench(args)  # settles the S3 server first: a missing one fails before any timing
         doc = bench.run()
     except BenchError as exc:
         log(f"bench: error: {exc}")
@@ -245,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("bench: interrupted")
         return 130
     finally:
-        bench.cleanup()
+        if bench is not None:
+            bench.cleanup()
     print(render(doc))
     if args.json:
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
