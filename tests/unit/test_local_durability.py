@@ -79,7 +79,7 @@ def test_a_filesystem_refusing_direct_writes_falls_back(tmp_path: Path, monkeypa
     real_write = local.os.write
 
     def refuse_direct(fd: int, data: bytes) -> int:
-        if local.fcntl.fcntl(fd, local.fcntl.F_GETFL) & local._O_DIRECT:
+        if local.fcntl.fcntl(fd, local.fcntl.F_GETFL) & local.O_DIRECT:
             raise OSError(local.errno.EINVAL, "Invalid argument")
         return real_write(fd, data)
 

@@ -55,7 +55,7 @@ def test_direct_writes_are_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     real = os.pwrite
 
     def spy(fd: int, data: bytes, offset: int) -> int:
-        if restore.fcntl.fcntl(fd, restore.fcntl.F_GETFL) & restore._O_DIRECT:
+        if restore.fcntl.fcntl(fd, restore.fcntl.F_GETFL) & restore.O_DIRECT:
             direct_writes.append((offset, len(data)))
         return real(fd, data, offset)
 
@@ -70,7 +70,7 @@ def test_a_target_refusing_o_direct_is_written_through_the_cache(tmp_path: Path,
     real = restore.fcntl.fcntl
 
     def refuse(fd: int, cmd: int, arg: int = 0) -> int:
-        if cmd == restore.fcntl.F_SETFL and arg & restore._O_DIRECT:
+        if cmd == restore.fcntl.F_SETFL and arg & restore.O_DIRECT:
             raise OSError(errno.EINVAL, "Invalid argument")
         return real(fd, cmd, arg)
 
@@ -84,7 +84,7 @@ def test_stricter_alignment_falls_back_mid_file(tmp_path: Path, monkeypatch: pyt
     refused = []
 
     def strict(fd: int, data: bytes, offset: int) -> int:
-        if restore.fcntl.fcntl(fd, restore.fcntl.F_GETFL) & restore._O_DIRECT and len(data) % (64 << 10):
+        if restore.fcntl.fcntl(fd, restore.fcntl.F_GETFL) & restore.O_DIRECT and len(data) % (64 << 10):
             refused.append(offset)
             raise OSError(errno.EINVAL, "Invalid argument")
         return real(fd, data, offset)

@@ -1,4 +1,5 @@
-"""Small local state files (journals of stopped containers, worker job records)."""
+"""Local file writing shared by the data path and the state files: whole writes, direct I/O
+constants, and small state files (journals of stopped containers, worker job records)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,18 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+O_DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none: direct writes are then skipped
+DIRECT_ALIGN = 4096  # offsets and lengths of direct writes: a multiple of any logical block size
+
+
+def write_all(fd: int, data: bytes | memoryview, pos: int | None = None) -> None:
+    """Write all of ``data`` at ``pos``, or at the file's offset."""
+    done = os.write(fd, data) if pos is None else os.pwrite(fd, data, pos)
+    if done < len(data):  # short writes are rare: finish through a view
+        view = memoryview(data)
+        while done < len(view):
+            done += os.write(fd, view[done:]) if pos is None else os.pwrite(fd, view[done:], pos + done)
 
 
 def write_json_durably(path: Path, doc: Any) -> None:

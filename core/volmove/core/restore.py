@@ -56,6 +56,7 @@ from volmove.core.catalog import (
     parse_entry,
 )
 from volmove.core.errors import CancelledByUser, ConflictError, CorruptDataError, NotFoundError, StorageError
+from volmove.core.files import DIRECT_ALIGN, O_DIRECT, write_all
 from volmove.core.format import BlobRef, pack_key
 from volmove.core.fswalk import DIR_FLAGS
 from volmove.core.progress import Progress, ProgressFn, no_progress
@@ -71,8 +72,6 @@ CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEX
 DIRECT_MIN = 1 << 20  # files from this size on are written past the page cache
 DIRECT_BUFFER = 4 << 20
 DIRECT_BUFFERS = 4  # one filling, the others being written
-DIRECT_ALIGN = 4096  # offsets and lengths of direct writes: a multiple of any logical block size
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
 _NODE_TYPES = {FIFO: stat.S_IFIFO, SOCKET: stat.S_IFSOCK, CHARDEV: stat.S_IFCHR, BLOCKDEV: stat.S_IFBLK}
 T = TypeVar("T")
 
@@ -339,7 +338,7 @@ class Restorer:
         self.progress = Progress("restore")
         self.dirs: list[_OpenDir] = []  # the open directory stack
         self._last_report = 0.0
-        self.direct = _DirectIO() if _O_DIRECT else None
+        self.direct = _DirectIO() if O_DIRECT else None
 
     def run(self, snapshot: Snapshot) -> RestoreResult:
         self.progress.bytes_total = snapshot.stats.bytes
@@ -462,7 +461,7 @@ class Restorer:
         fd = _replacing(dir_fd, name, lambda: os.open(name, CREATE_FLAGS, 0o600, dir_fd=dir_fd))
         try:
             if len(refs) == 1 and entry.extents is None and refs[0].raw_length == entry.size:
-                _write_all(fd, self.fetcher.get(entry.chunks[0], refs[0]), None)  # most small files: one chunk
+                write_all(fd, self.fetcher.get(entry.chunks[0], refs[0]))  # most small files: one chunk
             else:
                 pairs = zip(entry.chunks, refs, strict=True)
                 self._write_content(fd, entry, lambda: self.fetcher.get(*next(pairs)))
@@ -475,7 +474,7 @@ class Restorer:
             written = 0
             for _ in entry.chunks:
                 data = next_chunk()
-                _write_all(fd, data, None)
+                write_all(fd, data)
                 written += len(data)
             if written != entry.size:
                 raise CorruptDataError(f"file {entry.path!r}: chunks hold {written} bytes, catalog says {entry.size}")
@@ -483,7 +482,7 @@ class Restorer:
         cursor = _ExtentCursor(entry.extents, entry.path)
         for _ in entry.chunks:
             for pos, part in cursor.place(memoryview(next_chunk())):
-                _write_all(fd, part, pos)
+                write_all(fd, part, pos)
         cursor.check_done()
         os.ftruncate(fd, entry.size)  # a hole at the end has no extent to write
 
@@ -550,7 +549,7 @@ class Restorer:
 
 
 class _DirectIO:
-    """Writes files' content past the page cache: the writer fills aligned buffers, an I/O
+    """Writes files' content past the page cache: the writer fills aligned buffers, I/O
     threads write them; a file's last partial block is written buffered."""
 
     def __init__(self) -> None:
@@ -564,7 +563,7 @@ class _DirectIO:
             return False
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         try:
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT)
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | O_DIRECT)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
@@ -628,7 +627,7 @@ class _DirectFile:
                     error = error or exc  # the first error wins; every write is waited for
             if error is None and tail:
                 fcntl.fcntl(self.fd, fcntl.F_SETFL, self.flags)
-                _write_all(self.fd, tail, self.offset)
+                write_all(self.fd, tail, self.offset)
         finally:
             if self.buf is not None:
                 self.direct.free.append(self.buf)
@@ -653,14 +652,14 @@ class _DirectFile:
     def _pwrite(self, buf: mmap.mmap, length: int, offset: int) -> None:
         view = memoryview(buf)[:length]
         try:
-            _write_all(self.fd, view, offset)
+            write_all(self.fd, view, offset)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
             # Alignment rules stricter than ours: this file and the next ones go through the cache.
             self.direct.enabled = False
             fcntl.fcntl(self.fd, fcntl.F_SETFL, self.flags)
-            _write_all(self.fd, view, offset)
+            write_all(self.fd, view, offset)
 
 
 def _is_within(path: str, dir_path: str) -> bool:
@@ -701,15 +700,6 @@ def _clear(parent_fd: int, name: str) -> None:
         shutil.rmtree(name, dir_fd=parent_fd)
     else:
         os.unlink(name, dir_fd=parent_fd)
-
-
-def _write_all(fd: int, data: bytes | memoryview, pos: int | None) -> None:
-    """Write all of ``data`` at ``pos``, or at the file's offset."""
-    done = os.write(fd, data) if pos is None else os.pwrite(fd, data, pos)
-    if done < len(data):  # short writes are rare: finish through a view
-        view = memoryview(data)
-        while done < len(view):
-            done += os.write(fd, view[done:]) if pos is None else os.pwrite(fd, view[done:], pos + done)
 
 
 class _ExtentCursor:

@@ -37,14 +37,13 @@ from volmove.core.errors import (
     RepositoryError,
     StorageError,
 )
+from volmove.core.files import DIRECT_ALIGN, O_DIRECT, write_all
 from volmove.core.procs import pid_exists
 from volmove.core.storage.base import ObjectInfo
 
 TMP_PREFIX = ".tmp-"
 DEFERRED_PREFIX = "data/"  # packs: durable at the next write of anything else
-DIRECT_ALIGN = 4096  # O_DIRECT buffers, offsets and lengths: a multiple of any logical block size
 DIRECT_MIN = 1 << 20  # smaller objects are not worth a direct write
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 def _storage_error(exc: OSError, what: str) -> StorageError:
@@ -71,7 +70,7 @@ class LocalStorage:
         self._host = socket.gethostname()
         self._unsynced = False
         self._sync_lock = threading.Lock()
-        self._direct = bool(_O_DIRECT)  # until the filesystem refuses it
+        self._direct = bool(O_DIRECT)  # until the filesystem refuses it
         self._buffers = threading.local()  # an aligned staging buffer per writing thread
         self._advised: set[str] = set()  # objects whose read-ahead was requested
 
@@ -91,7 +90,7 @@ class LocalStorage:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 if not (deferred and len(data) >= DIRECT_MIN and self._write_direct(fd, data)):
-                    _write_all(fd, memoryview(data))
+                    write_all(fd, data)
                 if deferred:
                     _start_writeback(fd)  # so that the sync at the end has little left to wait for
                     self._unsynced = True
@@ -117,8 +116,8 @@ class LocalStorage:
         buf[:aligned] = memoryview(data)[:aligned]
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         try:
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT)
-            _write_all(fd, memoryview(buf)[:aligned])
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | O_DIRECT)
+            write_all(fd, memoryview(buf)[:aligned])
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
@@ -128,7 +127,7 @@ class LocalStorage:
             return False
         finally:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-        _write_all(fd, memoryview(data)[aligned:])
+        write_all(fd, memoryview(data)[aligned:])
         return True
 
     def _staging(self, size: int) -> mmap.mmap:
@@ -245,11 +244,6 @@ class LocalStorage:
 
     def close(self) -> None:
         pass
-
-
-def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
