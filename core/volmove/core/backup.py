@@ -149,10 +149,9 @@ class BackupEngine:
             catalog = self.catalog.finish()
             self.repo.write_index(self.packs.finish())  # packs, then index; the caller commits the manifest
         except BaseException:
-            self.packs.abort()
+            self.abort()
             raise
-        finally:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool.shutdown()  # drained: nothing is left to run
         self.progress.phase = "done"
         self.report(self.progress)
         stats = SnapshotStats(**self.counts, stored_bytes=self.packs.stored_bytes,

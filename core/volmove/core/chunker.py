@@ -33,7 +33,7 @@ class StreamChunker:
             head = memoryview(self._carry + view[: self.params.max_size])
             pos = 0
             while pos < carried:
-                cut = next(self._cuts(head[pos:]))[1]
+                cut = next(cuts(head[pos:], self.params))[1]
                 if pos + cut == len(head) and len(view) <= self.params.max_size:
                     self._carry = bytes(head[pos:])  # still no cut
                     return
@@ -41,7 +41,7 @@ class StreamChunker:
                 pos += cut
             view = view[pos - carried :]
         end = 0
-        for off, length in self._cuts(view):
+        for off, length in cuts(view, self.params):
             if off + length == len(view):
                 break  # may move once more data arrives
             yield view[off : off + length]
@@ -51,11 +51,8 @@ class StreamChunker:
     def finish(self) -> Iterator[memoryview]:
         """The remaining chunks at the end of the stream."""
         buf, self._carry = memoryview(self._carry), b""
-        for off, length in self._cuts(buf):
+        for off, length in cuts(buf, self.params):
             yield buf[off : off + length]
-
-    def _cuts(self, buf: memoryview) -> Iterator[tuple[int, int]]:
-        return cuts(buf, self.params)
 
 
 def cuts(buf: memoryview, params: ChunkerParams) -> Iterator[tuple[int, int]]:
