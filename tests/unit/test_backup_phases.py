@@ -8,7 +8,7 @@ import random
 import threading
 from pathlib import Path
 
-from tests.engine_helpers import new_repo
+from tests.engine_helpers import backup_dir, new_repo
 from volmove.core.backup import BackupEngine
 from volmove.core.format import BLOB_DATA
 from volmove.core.repository import Repository
@@ -23,6 +23,14 @@ def make_source(root: Path) -> None:
     (root / "big").write_bytes(rng.randbytes(3 << 20))
 
 
+def read_tree(engine: BackupEngine, src: Path) -> None:
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        engine.read(fd)
+    finally:
+        os.close(fd)
+
+
 def data_blobs(repo: Repository) -> set[str]:
     return {bid for bid, ref in repo.index.items() if ref.type == BLOB_DATA}
 
@@ -32,11 +40,7 @@ def test_finish_needs_no_source(tmp_path: Path) -> None:
     make_source(src)
     repo = new_repo(MemoryStorage())
     engine = BackupEngine(repo)
-    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        engine.read(fd)
-    finally:
-        os.close(fd)
+    read_tree(engine, src)
     for path in sorted(src.rglob("*"), reverse=True):  # the source is gone before the finish
         path.rmdir() if path.is_dir() else path.unlink()
     result = engine.finish()
@@ -45,11 +49,7 @@ def test_finish_needs_no_source(tmp_path: Path) -> None:
     # The same as a backup in one go of the same content.
     make_source(tmp_path / "again")
     other = new_repo(MemoryStorage())
-    fd = os.open(tmp_path / "again", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        whole = BackupEngine(other).run(fd)
-    finally:
-        os.close(fd)
+    whole = backup_dir(other, tmp_path / "again")  # BackupEngine.run, source present throughout
     assert data_blobs(repo) == data_blobs(other) and len(data_blobs(repo)) > 50
     assert result.stats.new_bytes == whole.stats.new_bytes  # (catalogs differ: mtimes and inodes)
 
@@ -61,11 +61,7 @@ def test_abort_after_reading_commits_nothing(tmp_path: Path) -> None:
     repo = new_repo(storage)
     before = set(threading.enumerate())
     engine = BackupEngine(repo)
-    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        engine.read(fd)
-    finally:
-        os.close(fd)
+    read_tree(engine, src)
     engine.abort()
     assert not list(storage.list("index/"))
     assert not list(storage.list("snapshots/"))
