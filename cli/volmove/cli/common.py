@@ -36,6 +36,7 @@ DockerOpt = Annotated[str | None, typer.Option("--docker", "-H", envvar="DOCKER_
                                                help="Docker engine URL [default: the local socket]")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
+
 class _Console:
     """A rich Console made on first use: importing rich costs every --json run ~30 ms."""
 
