@@ -158,9 +158,10 @@ async def test_a_newly_labelled_volume_is_picked_up_from_the_inventory(fleet2: F
     await make_volume(fleet2.engines["h3"], on_volume, FILES, labels={"volmove.schedule": name})
     by_container = uname("used")
     await make_volume(fleet2.engines["h2"], by_container, FILES)
-    await _container(fleet2.engines["h2"], by_container, {"volmove.schedule": name})
+    user = await _container(fleet2.engines["h2"], by_container, {"volmove.schedule": name})
     await live.inventory_has("h3", on_volume)
-    entry = await live.inventory_has("h2", by_container, where=lambda v: bool(v.containers))
+    # Only the user: make_volume's short-lived writer can show in an earlier inventory.
+    entry = await live.inventory_has("h2", by_container, where=lambda v: v.containers == (user,))
     assert entry.container_schedules == (name,)
 
     steps = [s for s in await live.tick() if s.target.schedule == name]
@@ -173,12 +174,15 @@ async def test_a_newly_labelled_volume_is_picked_up_from_the_inventory(fleet2: F
     assert [j.phase for j in await all_done(live, jobs)] == [Phase.SUCCEEDED] * 2
 
 
-async def _container(url: str, volume: str, labels: dict[str, str]) -> None:
+async def _container(url: str, volume: str, labels: dict[str, str]) -> str:
+    """A stopped container using the volume; returns its name."""
     async with aiodocker.Docker(url=url) as api:
-        await api.containers.create({
+        name = f"user-{volume}"
+        await api.containers.create(name=name, config={
             "Image": "volmove-helper:1", "Cmd": ["busybox", "true"], "Labels": {**TEST_LABELS, **labels},
             "HostConfig": {"Mounts": [{"Type": "volume", "Source": volume, "Target": "/data"}],
                            "NetworkMode": "none"}})
+        return name
 
 
 async def test_the_metrics_endpoint_shows_the_last_backup(fleet2: Fleet, live: LiveService) -> None:
