@@ -15,7 +15,7 @@ import pytest
 from tests.engine_helpers import backup_dir, new_repo
 from volmove.core import backup
 from volmove.core.backup import BackupEngine
-from volmove.core.catalog import parse_entry
+from volmove.core.catalog import DIR, FILE, Entry, parse_entry
 from volmove.core.chunker import StreamChunker, chunk_all, cuts
 from volmove.core.errors import CancelledByUser
 from volmove.core.format import CDC_2020, CDC_RONOMON, ChunkerParams
@@ -182,6 +182,24 @@ def test_parent_lookups_follow_walk_order_with_odd_names() -> None:
     found = [catalog.get(n) is not None for n in ["a", "a/b/c", "a/m", "a/z", "b\udcff/x", "é/1"]]
     assert found == [True, True, False, True, True, True]
     assert catalog.get("a") is None  # the stream has moved past it
+
+
+def test_the_fast_parse_of_plain_parent_lines_agrees_with_the_json_parser() -> None:
+    ids = ["0" * 64, "ab" * 32]
+    entries = [Entry("small/f.json", FILE, 0o644, 0, 0, 1795847728444110434, 3008, chunks=ids[:1], ino=9, ctime_ns=7),
+               Entry("empty", FILE, 0o4755, 1000, 1000, -5, 0, ino=1, ctime_ns=0),
+               Entry("two", FILE, chunks=ids, size=9), Entry("sp ace!#$[]~", FILE, chunks=ids, size=3),
+               Entry('quo"te\\', FILE), Entry("é", FILE), Entry("b\udcff", FILE), Entry("\t", FILE),
+               Entry("sparse", FILE, size=9, chunks=ids, extents=[(0, 9)]), Entry("x", FILE, xattrs={"user.a": b"1"}),
+               Entry("d", DIR)]
+    lines = [e.to_json().encode() for e in entries]
+    assert [backup._PLAIN_FILE.fullmatch(line) is not None for line in lines] == [True] * 4 + [False] * 7
+    near = [lines[0].replace(b'"m":420', b'"m":0420'), lines[0].replace(b'"u":0', b'"u":-0'),
+            lines[0].replace(b'"s":3008', b'"s":3e3'), lines[0].replace(ids[0].encode(), b"A" * 64),
+            lines[0].replace(b"}", b',"z":1}'), lines[0].replace(b'"ct":7', b'"ct":-0'), lines[0] + b" ",
+            lines[2].replace(b'","', b'", "'), lines[1].replace(b'"c":[]', b'"c":[""]')]
+    for line in lines + near:
+        assert backup._parent_file(line) == backup._parsed_parent_file(line), line
 
 
 def test_a_file_that_vanishes_after_listing_is_left_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

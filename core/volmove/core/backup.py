@@ -16,12 +16,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import zstandard
 
@@ -463,8 +465,7 @@ class _CatalogWriter:
             self.packs.add(bid, BLOB_META, self.zstd.compress(chunk), len(chunk))
 
 
-@dataclass(frozen=True, slots=True)
-class ParentFile:
+class ParentFile(NamedTuple):  # a tuple: made once per file, three times cheaper than a frozen dataclass
     """A regular file of the parent snapshot: its metadata as recorded, its chunks, and its
     catalog line, which is what a new backup of the unchanged file would write."""
 
@@ -525,9 +526,30 @@ def load_catalog_map(repo: Repository, snapshot: Snapshot) -> ParentCatalog:
     return ParentCatalog(repo.read_catalog(snapshot))
 
 
+_NAT = rb"(0|[1-9][0-9]*)"
+_INT = rb"(-?(?:0|[1-9][0-9]*))"
+# A plain file's line as Entry.to_json writes it when its path needs no escapes and it has no
+# extents or xattrs: most lines.  Matching it whole is a third of the cost of json.loads.
+_PLAIN_FILE = re.compile(
+    rb'\{"p":"([\x20\x21\x23-\x5b\x5d-\x7e]+)","t":"f","m":' + _NAT + rb',"u":' + _NAT + rb',"g":' + _NAT
+    + rb',"mt":' + _INT + rb',"s":' + _NAT + rb',"c":\[((?:"[0-9a-f]{64}",)*"[0-9a-f]{64}")?\],"h":"[0-9a-f]{64}",'
+    rb'"i":' + _NAT + rb',"ct":' + _INT + rb"\}")
+
+
 def _parent_file(line: bytes) -> tuple[str, ParentFile] | None:
     """A file's line, checked only as far as reusing it needs (restore checks it in full):
     parsing each line in full would cost more than the rest of an incremental backup."""
+    plain = _PLAIN_FILE.fullmatch(line)
+    if plain is not None:
+        path, mode, uid, gid, mtime, size, chunks, ino, ctime = plain.groups()
+        meta = (int(mode), int(uid), int(gid), int(mtime), int(size), int(ino), int(ctime))
+        ids = chunks.decode()[1:-1].split('","') if chunks else []
+        return path.decode(), ParentFile(meta, ids, line + b"\n", False)
+    return _parsed_parent_file(line)
+
+
+def _parsed_parent_file(line: bytes) -> tuple[str, ParentFile] | None:
+    """``_parent_file`` for any line: through the JSON parser."""
     try:
         doc = json.loads(line)
         meta = (doc["m"], doc["u"], doc["g"], doc["mt"], doc["s"], doc["i"], doc["ct"])
