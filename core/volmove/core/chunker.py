@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pyfastcdc
-from fastcdc import fastcdc_cy
 
 from volmove.core.format import CDC_2020, ChunkerParams
 
@@ -66,6 +65,9 @@ def cuts(buf: memoryview, params: ChunkerParams) -> Iterator[tuple[int, int]]:
         for chunk in cdc.cut_buf(buf):
             yield chunk.offset, chunk.length
     else:
+        # Imported here: the package also imports click, for its command line (~10 ms of every start).
+        from fastcdc import fastcdc_cy
+
         for old in fastcdc_cy.fastcdc_cy(buf, p.min_size, p.avg_size, p.max_size):
             yield old.offset, old.length
 
