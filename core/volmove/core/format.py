@@ -13,7 +13,7 @@ import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import blake3
 import zstandard
@@ -54,6 +54,7 @@ DEFAULT_HASH = "blake3"
 
 
 _HEX_ID = re.compile(r"[0-9a-f]{64}")
+_HEX_RUN = re.compile(r"[0-9a-f]*")
 
 
 def is_hex_id(value: object) -> bool:
@@ -143,8 +144,7 @@ class RepoConfig:
                    chunker=params, hash=str(hash_name))
 
 
-@dataclass(frozen=True, slots=True)
-class BlobRef:
+class BlobRef(NamedTuple):  # one per blob in memory: a tuple is made 3x faster than a frozen dataclass
     """Where one blob lives: pack, offset and stored length, and its raw length."""
 
     pack: str
@@ -208,12 +208,16 @@ def decode_index(index_id: str, raw: bytes) -> list[tuple[str, BlobRef]]:
 def _parse_blob_rows(pack_id: str, rows: Any, limit: int) -> list[tuple[str, BlobRef]]:
     if not isinstance(rows, list):
         raise CorruptDataError(f"pack {pack_id}: malformed blob list")
+    # The checks of is_hex_id and _nat, inlined and the ids checked in one match: an index
+    # lists every blob of the repository, and each load of it reads them all.
+    if not all(type(row) is list and len(row) == 5 and type(row[0]) is str and len(row[0]) == 64 for row in rows) \
+            or not _HEX_RUN.fullmatch("".join(row[0] for row in rows)):
+        raise CorruptDataError(f"pack {pack_id}: malformed blob entry")
     out = []
-    for row in rows:
-        if not (isinstance(row, list) and len(row) == 5):
-            raise CorruptDataError(f"pack {pack_id}: malformed blob entry")
-        bid, btype, off, length, raw = row
-        if not (is_hex_id(bid) and btype in BLOB_TYPES and _nat(off) and _nat(length) and _nat(raw)):
+    types, top = BLOB_TYPES, 1 << 48
+    for bid, btype, off, length, raw in rows:
+        if not (btype in types and type(off) is int and type(length) is int and type(raw) is int
+                and 0 <= off < top and 0 <= length < top and 0 <= raw < top):
             raise CorruptDataError(f"pack {pack_id}: malformed blob entry")
         if off + length > limit or raw > MAX_META_BYTES:
             raise CorruptDataError(f"pack {pack_id}: blob {bid} lies outside the pack")
