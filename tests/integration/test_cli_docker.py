@@ -136,6 +136,27 @@ async def test_stop_restarts_exactly_the_running_users(docker_client: DockerClie
     assert not (await docker_client.inspect_container(stopped.id))["State"]["Running"]
 
 
+async def test_the_helper_starts_and_goes_outside_the_downtime(docker_client: DockerClient, make_volume: MakeVolume,
+                                                               make_container: MakeContainer, repo: Path) -> None:
+    vol = await make_volume()
+    user = await make_container([vol])
+    since = time.time()
+    await acli("backup", vol, "--stop", repo=repo)
+    events = await _container_events(docker_client.url, since)
+    helper = [e for e in events if e["Actor"]["Attributes"].get("volmove.helper") == "1"]
+    mine = [e for e in events if e["id"] == user.id]
+    when = {(who, e["Action"]): e["timeNano"] for who, group in (("helper", helper), ("user", mine)) for e in group}
+    assert when[("helper", "start")] < when[("user", "die")] < when[("user", "start")] < when[("helper", "destroy")]
+
+
+async def _container_events(url: str, since: float) -> list[dict[str, Any]]:
+    until = time.time() + 0.5  # events are stamped by the engine: leave it a moment
+    out = await asyncio.to_thread(subprocess.run, [
+        "docker", "-H", url, "events", "--since", f"{since:.3f}", "--until", f"{until:.3f}",
+        "--filter", "type=container", "--format", "{{json .}}"], capture_output=True, text=True, check=True)
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
 async def test_stop_label_on_a_container(docker_client: DockerClient, make_volume: MakeVolume,
                                          make_container: MakeContainer, repo: Path) -> None:
     vol = await make_volume()

@@ -115,8 +115,10 @@ async def backup_volume(docker: DockerClient, repo: Repository, req: BackupReque
             journal = state_dir() / f"stopped-{os.getpid()}-{spec.name.replace('/', '_')}.json"
             started = datetime.now(UTC)
             finishing: asyncio.Future[BackupResult] | None = None
-            async with hooks.around(), docker.stopped(to_stop, journal), \
-                    docker.helper(mount, read_only=True) as helper:
+            # The helper starts before the hooks run and the containers stop, and goes after
+            # they are back: its start and removal are no part of their downtime.
+            async with docker.helper(mount, read_only=True) as helper, hooks.around(), \
+                    docker.stopped(to_stop, journal):
                 parent, parent_map = await base
                 engine = await _read_volume(docker, repo, helper, parent, parent_map, progress)
                 # The rest (the last batches, packs and index) needs neither the helper nor the
