@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 from datetime import UTC, datetime
 from pathlib import Path
 
 from volmove.core.backup import BackupEngine, load_catalog_map
-from volmove.core.format import DEFAULT_HASH
+from volmove.core.format import DEFAULT_HASH, RepoConfig
 from volmove.core.repository import Repository, init_repository
 from volmove.core.restore import Restorer, RestoreResult
 from volmove.core.snapshot import Snapshot, VolumeSpec
 from volmove.core.storage.base import Storage
+
+
+def config_doc(**changes: object) -> bytes:
+    """A new repository's config object with some fields replaced (or added)."""
+    doc = json.loads(RepoConfig(id="x", created="now").to_json())
+    doc.update(changes)
+    return json.dumps(doc).encode()
 
 
 def new_repo(storage: Storage, hash_name: str = DEFAULT_HASH) -> Repository:

@@ -11,18 +11,12 @@ from pathlib import Path
 import blake3
 import pytest
 
-from tests.engine_helpers import backup_dir, new_repo, restore_dir
+from tests.engine_helpers import backup_dir, config_doc, new_repo, restore_dir
 from volmove.core.errors import RepositoryError
 from volmove.core.format import CONFIG_KEY, RepoConfig
 from volmove.core.repository import Repository
 from volmove.core.storage.memory import MemoryStorage
 from volmove.core.verify import compare_tree, verify
-
-
-def config_doc(**changes: object) -> bytes:
-    doc = json.loads(RepoConfig(id="x", created="now").to_json())
-    doc.update(changes)
-    return json.dumps(doc).encode()
 
 
 def test_new_repositories_use_blake3_and_record_it() -> None:

@@ -9,18 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine_helpers import backup_dir, restore_dir
+from tests.engine_helpers import backup_dir, config_doc, restore_dir
 from volmove.core.chunker import chunk_all
 from volmove.core.errors import RepositoryError
 from volmove.core.format import CDC_2020, CDC_RONOMON, CONFIG_KEY, ChunkerParams, RepoConfig
 from volmove.core.repository import Repository, init_repository
 from volmove.core.storage.memory import MemoryStorage
-
-
-def config_with(chunker: object) -> bytes:
-    doc = json.loads(RepoConfig(id="x", created="now").to_json())
-    doc["chunker"] = chunker
-    return json.dumps(doc).encode()
 
 
 def test_new_repositories_record_fastcdc_2020() -> None:
@@ -29,7 +23,7 @@ def test_new_repositories_record_fastcdc_2020() -> None:
 
 
 def test_a_config_without_algorithm_is_an_older_repository() -> None:
-    params = RepoConfig.from_json(config_with({"min": 32768, "avg": 131072, "max": 524288})).chunker
+    params = RepoConfig.from_json(config_doc(chunker={"min": 32768, "avg": 131072, "max": 524288})).chunker
     assert params == ChunkerParams(32768, 131072, 524288, CDC_RONOMON)
 
 
@@ -44,7 +38,7 @@ def test_a_config_without_algorithm_is_an_older_repository() -> None:
 ])
 def test_bad_chunker_configs_are_refused(chunker: object) -> None:
     with pytest.raises(RepositoryError):
-        RepoConfig.from_json(config_with(chunker))
+        RepoConfig.from_json(config_doc(chunker=chunker))
 
 
 def test_the_algorithms_cut_differently() -> None:
