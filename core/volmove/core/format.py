@@ -229,8 +229,10 @@ def decompress_meta(raw: bytes, what: str) -> bytes:
     return bounded_decompress(raw, MAX_META_BYTES, what)
 
 
-def bounded_decompress(raw: bytes | memoryview, limit: int, what: str) -> bytes:
-    """Decompress one zstd frame that may not inflate beyond ``limit`` bytes.
+def bounded_decompress(raw: bytes | memoryview, limit: int, what: str,
+                       dctx: zstandard.ZstdDecompressor | None = None) -> bytes:
+    """Decompress one zstd frame that may not inflate beyond ``limit`` bytes (with ``dctx``,
+    a thread's own decompressor, when called once per chunk).
 
     A frame's declared content size makes zstandard ignore ``max_output_size``,
     so a forged size is checked first: stored data is hostile input."""
@@ -238,7 +240,7 @@ def bounded_decompress(raw: bytes | memoryview, limit: int, what: str) -> bytes:
         declared = zstandard.frame_content_size(raw)
         if declared > limit:
             raise CorruptDataError(f"{what} claims {declared} bytes, more than the {limit} allowed")
-        out: bytes = zstandard.ZstdDecompressor().decompress(raw, max_output_size=limit)
+        out: bytes = (dctx or zstandard.ZstdDecompressor()).decompress(raw, max_output_size=limit)
     except zstandard.ZstdError as exc:
         raise CorruptDataError(f"{what} cannot be decompressed: {exc}") from None
     if len(out) > limit:

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 
+import zstandard
+
 from volmove.core.errors import ConflictError, CorruptDataError, NotFoundError, RepositoryError
 from volmove.core.format import (
     BLOB_META,
@@ -233,8 +235,10 @@ class Repository:
             raise CorruptDataError(f"catalog of snapshot {snapshot.id[:8]} is truncated")
 
 
-def check_blob(bid: str, ref: BlobRef, raw: bytes | memoryview, blob_id: Hasher) -> bytes:
-    data = bounded_decompress(raw, ref.raw_length, f"blob {bid} in pack {ref.pack}")
+def check_blob(bid: str, ref: BlobRef, raw: bytes | memoryview, blob_id: Hasher,
+               dctx: zstandard.ZstdDecompressor | None = None) -> bytes:
+    """A stored blob's data, after checking that it is what the index says it is."""
+    data = bounded_decompress(raw, ref.raw_length, f"blob {bid} in pack {ref.pack}", dctx)
     if len(data) != ref.raw_length or blob_id(data) != bid:
         raise CorruptDataError(f"blob {bid} in pack {ref.pack} does not match its hash")
     return data

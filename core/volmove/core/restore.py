@@ -60,7 +60,7 @@ from volmove.core.files import DIRECT_ALIGN, O_DIRECT, write_all
 from volmove.core.format import BlobRef, pack_key
 from volmove.core.fswalk import DIR_FLAGS
 from volmove.core.progress import Progress, ProgressFn, no_progress
-from volmove.core.repository import Repository
+from volmove.core.repository import Repository, check_blob
 from volmove.core.snapshot import Snapshot
 
 BUDGET_BYTES = 8 << 20  # raw bytes of large files' chunks decoded ahead of the writer
@@ -206,18 +206,7 @@ class BlobFetcher:
             raise CorruptDataError(f"pack {pack} is truncated: blob {bid} lies past its end") from None
 
     def _decode(self, bid: str, ref: BlobRef, raw: bytes | memoryview) -> bytes:
-        try:
-            # A declared content size makes zstandard ignore max_output_size: check it first.
-            declared = zstandard.frame_content_size(raw)
-            if declared > ref.raw_length:
-                raise CorruptDataError(f"blob {bid} in pack {ref.pack} claims {declared} bytes, "
-                                       f"more than the {ref.raw_length} indexed")
-            data: bytes = self._decoders.dctx.decompress(raw, max_output_size=ref.raw_length)
-        except zstandard.ZstdError as exc:
-            raise CorruptDataError(f"blob {bid} in pack {ref.pack} cannot be decompressed: {exc}") from None
-        if len(data) != ref.raw_length or self.repo.blob_id(data) != bid:
-            raise CorruptDataError(f"blob {bid} in pack {ref.pack} does not match its hash")
-        return data
+        return check_blob(bid, ref, raw, self.repo.blob_id, self._decoders.dctx)
 
     def close(self) -> None:
         self._loader.shutdown(wait=True, cancel_futures=True)
