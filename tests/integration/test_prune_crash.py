@@ -7,7 +7,7 @@ Runs on memory, a local directory and the real S3 server.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -48,6 +48,10 @@ class FaultyStorage:
     def put(self, key: str, data: bytes, *, overwrite: bool = False) -> None:
         self._call("put", key)
         self.inner.put(key, data, overwrite=overwrite)
+
+    def put_parts(self, key: str, parts: Sequence[bytes | memoryview], *, overwrite: bool = False) -> None:
+        self._call("put", key)
+        self.inner.put_parts(key, parts, overwrite=overwrite)
 
     def get(self, key: str) -> bytes:
         self._call("get", key)

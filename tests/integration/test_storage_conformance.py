@@ -24,6 +24,19 @@ def test_put_get_round_trip(any_storage: Storage) -> None:
     assert any_storage.get("empty") == b""
 
 
+@pytest.mark.parametrize("sizes", [[4095, 5000, 0, (1 << 20) + 123, 4], [1 << 20], [(1 << 20) - 1, 1], [7, 0, 9]],
+                         ids=repr)
+def test_put_parts_stores_their_concatenation(any_storage: Storage, sizes: list[int]) -> None:
+    parts: list[bytes | memoryview] = [os.urandom(n) for n in sizes]
+    parts[0] = memoryview(bytes(parts[0]))  # packs are made of views into zstd's buffers
+    whole = b"".join(parts)
+    for key in ("data/ab/parts", "index/parts"):  # a pack (written directly where it can be), anything else
+        any_storage.put_parts(key, parts)
+        assert any_storage.get(key) == whole
+        with pytest.raises(ConflictError):
+            any_storage.put_parts(key, parts)
+
+
 def test_put_is_write_once(any_storage: Storage) -> None:
     any_storage.put("locks/a", b"first")
     with pytest.raises(ConflictError, match="locks/a"):

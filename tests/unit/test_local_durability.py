@@ -89,3 +89,22 @@ def test_a_filesystem_refusing_direct_writes_falls_back(tmp_path: Path, monkeypa
     assert storage._direct is False
     storage.put("data/ab/ab1", data)  # not tried again
     assert storage.get("data/ab/ab0") == data == storage.get("data/ab/ab1")
+
+
+def test_a_pack_in_parts_goes_past_the_cache_in_aligned_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = LocalStorage(tmp_path)
+    writes: list[tuple[bool, int]] = []
+    real_write = local.os.write
+
+    def record(fd: int, data: bytes) -> int:
+        writes.append((bool(local.fcntl.fcntl(fd, local.fcntl.F_GETFL) & local.O_DIRECT), len(data)))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(local.os, "write", record)
+    parts = [_patterned(n, i) for i, n in enumerate([5000, local.DIRECT_MIN, 0, local.DIRECT_ALIGN + 3, 17])]
+    storage.put_parts("data/ab/ab0", [memoryview(p) for p in parts])
+    size = sum(map(len, parts))
+    assert storage.get("data/ab/ab0") == b"".join(parts)
+    direct = sum(n for is_direct, n in writes if is_direct)
+    assert direct == size - size % local.DIRECT_ALIGN and all(n % local.DIRECT_ALIGN == 0 for d, n in writes if d)
+    assert sum(n for is_direct, n in writes if not is_direct) == size % local.DIRECT_ALIGN  # only the last block

@@ -128,9 +128,12 @@ class Repository:
         return index_id
 
     def _put_once(self, key: str, raw: bytes) -> None:
+        self._put_parts_once(key, [raw])
+
+    def _put_parts_once(self, key: str, parts: list[bytes | memoryview]) -> None:
         # Content-addressed: an existing object already holds the same bytes.
         with contextlib.suppress(ConflictError):
-            self.storage.put(key, raw)
+            self.storage.put_parts(key, parts)
 
     def adopt_orphan_packs(self) -> int:
         """Index packs that an interrupted backup wrote but never indexed, so
@@ -250,7 +253,7 @@ class PackWriter:
     def __init__(self, repo: Repository, target: int = PACK_TARGET) -> None:
         self.repo = repo
         self.target = target
-        self.parts: list[bytes | memoryview] = []  # joined once, by the upload: no copy per blob
+        self.parts: list[bytes | memoryview] = []  # the pack's blobs, written as they are: no copy per blob
         self.size = 0
         self.rows: list[BlobRow] = []
         self.written: dict[str, list[BlobRow]] = {}
@@ -281,15 +284,13 @@ class PackWriter:
         self._uploads.append(self._pool.submit(self._upload, parts, rows))
 
     def _upload(self, parts: list[bytes | memoryview], rows: list[BlobRow]) -> tuple[str, list[BlobRow]]:
-        # The header and the joining are done here, off the thread that produces the blobs.
+        # The header is made here, off the thread that produces the blobs.
         header = encode_pack_header(rows)
         # Named by its header's hash: the header names every blob by its hash, offset and length,
         # so this is as unique as hashing the whole pack, without hashing its bytes twice.
         pack_id = object_id(header)
         parts.append(header)
-        data = b"".join(parts)
-        parts.clear()  # the blobs are in ``data`` now: do not hold them twice during the upload
-        self.repo._put_once(pack_key(pack_id), data)
+        self.repo._put_parts_once(pack_key(pack_id), parts)
         return pack_id, rows
 
     def _wait(self, max_pending: int) -> None:

@@ -9,7 +9,7 @@ worker threads; async callers wrap them with ``asyncio.to_thread``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,6 +30,9 @@ class Storage(Protocol):
 
     def put(self, key: str, data: bytes, *, overwrite: bool = False) -> None:
         """Store ``data`` atomically: readers see the whole object or nothing."""
+
+    def put_parts(self, key: str, parts: Sequence[bytes | memoryview], *, overwrite: bool = False) -> None:
+        """``put`` of the parts' concatenation (a pack is its blobs: a backend may write them as they are)."""
 
     def get(self, key: str) -> bytes:
         """Return the whole object; NotFoundError if absent."""

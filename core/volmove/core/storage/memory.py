@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from volmove.core.errors import ConflictError, CorruptDataError, NotFoundError
 from volmove.core.storage.base import ObjectInfo
@@ -17,6 +17,9 @@ class MemoryStorage:
         self.url = url
         self._objects: dict[str, tuple[bytes, float]] = {}
         self._lock = threading.Lock()
+
+    def put_parts(self, key: str, parts: Sequence[bytes | memoryview], *, overwrite: bool = False) -> None:
+        self.put(key, b"".join(parts), overwrite=overwrite)
 
     def put(self, key: str, data: bytes, *, overwrite: bool = False) -> None:
         with self._lock:

@@ -11,7 +11,7 @@ import base64
 import hashlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -155,6 +155,9 @@ class S3Storage:
             pass  # created by a concurrent init of ours
 
     # -- objects ----------------------------------------------------------------
+
+    def put_parts(self, key: str, parts: Sequence[bytes | memoryview], *, overwrite: bool = False) -> None:
+        self.put(key, b"".join(parts), overwrite=overwrite)
 
     def put(self, key: str, data: bytes, *, overwrite: bool = False) -> None:
         md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
