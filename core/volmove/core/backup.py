@@ -462,7 +462,8 @@ class _CatalogWriter:
         for chunk in chunks:
             bid = self.blob_id(chunk)
             self.ids.append(bid)
-            self.packs.add(bid, BLOB_META, self.zstd.compress(chunk), len(chunk))
+            if not self.packs.has(bid):  # an unchanged stretch of the parent's catalog is stored already
+                self.packs.add(bid, BLOB_META, self.zstd.compress(chunk), len(chunk))
 
 
 class ParentFile(NamedTuple):  # a tuple: made once per file, three times cheaper than a frozen dataclass

@@ -262,9 +262,13 @@ class PackWriter:
         self._uploads: list[Future[tuple[str, list[BlobRow]]]] = []
         self._pool = ThreadPoolExecutor(PACK_UPLOADS_IN_FLIGHT, thread_name_prefix="pack-upload")
 
+    def has(self, bid: str) -> bool:
+        """Whether the repository or this run already has the blob."""
+        return bid in self._pending or self.repo.has_blob(bid)
+
     def add(self, bid: str, btype: str, compressed: bytes | memoryview, raw_length: int) -> bool:
         """Queue a blob unless the repository or this run already has it."""
-        if bid in self._pending or self.repo.has_blob(bid):
+        if self.has(bid):
             return False
         self._pending.add(bid)
         self.rows.append((bid, btype, self.size, len(compressed), raw_length))
