@@ -15,7 +15,8 @@ import pytest
 
 from tests.engine_helpers import backup_dir, new_repo, restore_dir, tree_state
 from volmove.core import restore
-from volmove.core.errors import CancelledByUser
+from volmove.core.catalog import parse_entry
+from volmove.core.errors import CancelledByUser, CorruptDataError
 from volmove.core.restore import ReadLayout
 from volmove.core.storage.memory import MemoryStorage
 
@@ -106,3 +107,51 @@ def test_progress_reaches_the_totals(tmp_path: Path) -> None:
     seen: list[tuple[str, int, int]] = []
     restore_dir(repo, snap, tmp_path / "dst", progress=lambda p: seen.append((p.phase, p.bytes_done, p.files_done)))
     assert seen[-1] == ("done", snap.stats.bytes, snap.stats.files)
+
+
+@pytest.mark.parametrize("run_bytes", [1, 200_000, 1 << 20, 64 << 20])
+def test_every_run_size_restores_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_bytes: int) -> None:
+    monkeypatch.setattr(restore, "RUN_BYTES", run_bytes)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    make_tree(src, files=30)
+    (src / "mixed").write_bytes(b"".join(os.urandom(150_000) + bytes(300_000) for _ in range(8)))
+    repo = new_repo(MemoryStorage())
+    snap = backup_dir(repo, src)
+    restore_dir(repo, snap, dst)
+    assert tree_state(dst) == tree_state(src)
+
+
+class CountingStorage(MemoryStorage):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ranges: list[tuple[str, int, int]] = []
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        self.ranges.append((key, offset, length))
+        return super().get_range(key, offset, length)
+
+
+def test_a_run_of_adjacent_blobs_is_one_read_and_a_bad_blob_in_it_is_named(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(3 << 20))
+    storage = CountingStorage()
+    repo = new_repo(storage)
+    snap = backup_dir(repo, src)
+    (line,) = [line for line in repo.read_catalog(snap) if b'"p":"big"' in line]
+    fetcher = restore.BlobFetcher(repo, restore.LOCAL_LAYOUT)
+    run = [(bid, fetcher.locate(bid)) for bid in parse_entry(line).chunks]
+    assert len(run) > 3 and len({ref.pack for _, ref in run}) == 1
+    storage.ranges.clear()
+    assert b"".join(fetcher.get_run(run)) == (src / "big").read_bytes()
+    assert len(storage.ranges) == 1
+    assert fetcher.get_run([run[2], run[0]]) == [fetcher.get(*run[2]), fetcher.get(*run[0])]  # not adjacent: each alone
+
+    bid, ref = run[2]
+    key = f"data/{ref.pack[:2]}/{ref.pack}"
+    data, when = storage._objects[key]
+    flipped = ref.offset + 10  # inside the third blob's stored bytes
+    storage._objects[key] = (data[:flipped] + bytes([data[flipped] ^ 1]) + data[flipped + 1 :], when)
+    with pytest.raises(CorruptDataError, match=bid):
+        fetcher.get_run(run)

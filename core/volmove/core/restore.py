@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import mmap
 import os
 import shutil
@@ -66,6 +67,7 @@ from volmove.core.snapshot import Snapshot
 BUDGET_BYTES = 8 << 20  # raw bytes of large files' chunks decoded ahead of the writer
 AHEAD_ENTRIES = 512  # catalog entries validated ahead of the writer
 INLINE_MAX = 64 << 10  # a large file's chunks up to this size are checked by the writer itself
+RUN_BYTES = 1 << 20  # a large file's next chunks decoded by one pool job (one read where they are adjacent)
 SMALL_FILE = 1 << 20  # files up to this size (and few chunks) have all their chunks located when validated
 SMALL_CHUNKS = 64
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -140,6 +142,16 @@ class BlobFetcher:
 
     def get(self, bid: str, ref: BlobRef) -> bytes:
         return self._decode(bid, ref, self._raw(bid, ref))
+
+    def get_run(self, run: list[tuple[str, BlobRef]]) -> list[bytes]:
+        """Several blobs; one read where they lie back to back in one pack, as a file's chunks
+        usually do (a future and a read per chunk cost more than inflating it)."""
+        (bid, first), last = run[0], run[-1][1]
+        if len(run) == 1 or not all(b.pack == a.pack and b.offset == a.offset + a.length
+                                    for (_, a), (_, b) in itertools.pairwise(run)):
+            return [self.get(b, r) for b, r in run]
+        span = memoryview(self._read(bid, first.pack, first.offset, last.offset + last.length - first.offset))
+        return [self._decode(b, r, span[r.offset - first.offset : r.offset - first.offset + r.length]) for b, r in run]
 
     def _key(self, ref: BlobRef) -> SegmentKey | None:
         seg = self.layout.segment
@@ -218,7 +230,9 @@ class _Job:
 
     entry: Entry
     refs: list[BlobRef] | None = None  # a small file's chunks, located when validated
-    chunks: deque[tuple[str, BlobRef, Future[bytes] | None]] = field(default_factory=deque)  # a large file's
+    # A large file's chunks: decoded by a pool job with the chunks around it (its result at an index),
+    # or None: checked by the writer itself.
+    chunks: deque[tuple[str, BlobRef, Future[list[bytes]] | None, int]] = field(default_factory=deque)
 
 
 class _Ahead:
@@ -249,10 +263,11 @@ class _Ahead:
         """The next chunk of a large file, checked."""
         while not job.chunks:
             self._submit_next()  # past the budget: the file being written must progress
-        bid, ref, decoded = job.chunks.popleft()
+        bid, ref, decoded, i = job.chunks.popleft()
         if decoded is None:
             return self.fetcher.get(bid, ref)
-        data = decoded.result()
+        run = decoded.result()
+        data, run[i] = run[i], b""  # the run's other chunks may still wait: let this one go when written
         self.in_flight -= ref.raw_length
         self.fill()
         return data
@@ -287,18 +302,30 @@ class _Ahead:
         self.jobs.append(job)
 
     def _submit_next(self) -> None:
+        """Queue the next chunks of the first large file not queued in full: a run of up to
+        ``RUN_BYTES`` for one pool job, or one small chunk for the writer."""
         job = self.unsubmitted[0]
-        bid = job.entry.chunks[self.next_chunk]
-        ref = self.fetcher.locate(bid)
-        decoded = None
-        if ref.raw_length > INLINE_MAX:
-            decoded = self.pool.submit(self.fetcher.get, bid, ref)
-            self.in_flight += ref.raw_length
-        else:
-            self.fetcher.prefetch(bid, ref)
-        job.chunks.append((bid, ref, decoded))
-        self.next_chunk += 1
-        if self.next_chunk == len(job.entry.chunks):
+        chunks = job.entry.chunks
+        run: list[tuple[str, BlobRef]] = []
+        size = 0
+        while self.next_chunk < len(chunks) and size < RUN_BYTES:
+            bid = chunks[self.next_chunk]
+            ref = self.fetcher.locate(bid)
+            if ref.raw_length <= INLINE_MAX:
+                if run:
+                    break  # it follows this run
+                self.fetcher.prefetch(bid, ref)
+                job.chunks.append((bid, ref, None, 0))
+                self.next_chunk += 1
+                break
+            run.append((bid, ref))
+            size += ref.raw_length
+            self.next_chunk += 1
+        if run:
+            decoded = self.pool.submit(self.fetcher.get_run, run)
+            job.chunks.extend((bid, ref, decoded, i) for i, (bid, ref) in enumerate(run))
+            self.in_flight += size
+        if self.next_chunk == len(chunks):
             self.unsubmitted.popleft()
             self.next_chunk = 0
 

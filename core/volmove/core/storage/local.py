@@ -180,10 +180,14 @@ class LocalStorage:
             raise _storage_error(exc, f"object {key}") from None
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
+        path = self._path(key)
         try:
-            with open(self._path(key), "rb") as f:
-                self._read_ahead(key, f.fileno())
-                data = os.pread(f.fileno(), length, offset)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # not open(): a restore calls this per blob
+            try:
+                self._read_ahead(key, fd)
+                data = os.pread(fd, length, offset)
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             raise NotFoundError(f"object {key} not found in {self.url}") from None
         except OSError as exc:
