@@ -5,6 +5,7 @@ processes), a webhook receiver, and reading Prometheus text."""
 from __future__ import annotations
 
 import asyncio
+import io
 import re
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -61,11 +62,13 @@ class LiveService:
         return self.service.engine
 
     async def tick(self) -> list[S.Step]:
-        return await self.service.automation.scheduler.tick()
+        async with _bounded("a scheduler pass"):
+            return await self.service.automation.scheduler.tick()
 
     async def stop(self) -> None:
         self.task.cancel()
-        await asyncio.wait([self.task])
+        async with _bounded("the service to stop"):
+            await asyncio.wait([self.task])
 
     def jobs(self, kind: str | None = None, volume: str | None = None) -> list[Job]:
         return sorted((j for j in self.engine.jobs.values() if kind in (None, j.kind)
@@ -97,6 +100,19 @@ class LiveService:
             assert status == 200
             return text if until is None or sample(text, until, **labels) is not None else None
         return await wait_for(scrape, 10, f"{until} {labels} in /metrics")
+
+
+@asynccontextmanager
+async def _bounded(what: str, within: float = 60) -> AsyncIterator[None]:
+    """Fail instead of hanging the suite, with every task's stack to say where it waited."""
+    try:
+        async with asyncio.timeout(within):
+            yield
+    except TimeoutError:
+        stacks = io.StringIO()
+        for task in asyncio.all_tasks():
+            task.print_stack(limit=8, file=stacks)
+        raise AssertionError(f"timed out after {within}s waiting for {what}; tasks:\n{stacks.getvalue()}") from None
 
 
 async def start_service(fleet: Fleet, clock: FakeClock, hosts: tuple[str, ...] = (), **automation: Any) -> LiveService:
