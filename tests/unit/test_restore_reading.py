@@ -147,6 +147,11 @@ def test_a_run_of_adjacent_blobs_is_one_read_and_a_bad_blob_in_it_is_named(tmp_p
     assert b"".join(fetcher.get_run(run)) == (src / "big").read_bytes()
     assert len(storage.ranges) == 1
     assert fetcher.get_run([run[2], run[0]]) == [fetcher.get(*run[2]), fetcher.get(*run[0])]  # not adjacent: each alone
+    expected = fetcher.get_run(run)
+    whole = restore.BlobFetcher(repo, restore.WHOLE_LAYOUT)  # S3: the pack is one cached segment, read once
+    storage.ranges.clear()
+    assert whole.get_run(run) == whole.get_run(run) == expected
+    assert len(storage.ranges) == 1
 
     bid, ref = run[2]
     key = f"data/{ref.pack[:2]}/{ref.pack}"

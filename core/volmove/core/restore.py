@@ -145,11 +145,13 @@ class BlobFetcher:
 
     def get_run(self, run: list[tuple[str, BlobRef]]) -> list[bytes]:
         """Several blobs; one read where they lie back to back in one pack, as a file's chunks
-        usually do (a future and a read per chunk cost more than inflating it)."""
+        usually do (a future and a read per chunk cost more than inflating it), unless the layout
+        reads all of them through its cached segments anyway."""
         (bid, first), last = run[0], run[-1][1]
-        if len(run) == 1 or not all(b.pack == a.pack and b.offset == a.offset + a.length
-                                    for (_, a), (_, b) in itertools.pairwise(run)):
-            return [self.get(b, r) for b, r in run]
+        pairs = itertools.pairwise(r for _, r in run)
+        adjacent = all(b.pack == a.pack and b.offset == a.offset + a.length for a, b in pairs)
+        if len(run) == 1 or not adjacent or all(self._key(r) is not None for _, r in run):
+            return [self.get(b, r) for b, r in run]  # alone, or all from cached segments (whole packs from S3)
         span = memoryview(self._read(bid, first.pack, first.offset, last.offset + last.length - first.offset))
         return [self._decode(b, r, span[r.offset - first.offset : r.offset - first.offset + r.length]) for b, r in run]
 
