@@ -127,7 +127,7 @@ class LocalStorage:
                 buf[pos : pos + n] = memoryview(part)[:n]
                 pos += n
             if n < len(part):
-                tail.append(memoryview(part)[max(n, 0) :])
+                tail.append(memoryview(part)[n:])
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         try:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | O_DIRECT)
