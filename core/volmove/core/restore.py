@@ -489,13 +489,7 @@ class Restorer:
 
     def _write_content(self, fd: int, entry: Entry, next_chunk: Callable[[], bytes]) -> None:
         if entry.extents is None:
-            written = 0
-            for _ in entry.chunks:
-                data = next_chunk()
-                write_all(fd, data)
-                written += len(data)
-            if written != entry.size:
-                raise CorruptDataError(f"file {entry.path!r}: chunks hold {written} bytes, catalog says {entry.size}")
+            _copy_chunks(entry, next_chunk, lambda data: write_all(fd, data))
             return
         cursor = _ExtentCursor(entry.extents, entry.path)
         for _ in entry.chunks:
@@ -589,13 +583,7 @@ class _DirectIO:
             return False
         out = _DirectFile(self, fd, flags)
         try:
-            written = 0
-            for _ in entry.chunks:
-                data = next_chunk()
-                out.write(memoryview(data))
-                written += len(data)
-            if written != entry.size:
-                raise CorruptDataError(f"file {entry.path!r}: chunks hold {written} bytes, catalog says {entry.size}")
+            _copy_chunks(entry, next_chunk, lambda data: out.write(memoryview(data)))
         finally:
             out.close()  # waits for its writes: the descriptor is closed next
         return True
@@ -678,6 +666,17 @@ class _DirectFile:
             self.direct.enabled = False
             fcntl.fcntl(self.fd, fcntl.F_SETFL, self.flags)
             write_all(self.fd, view, offset)
+
+
+def _copy_chunks(entry: Entry, next_chunk: Callable[[], bytes], write: Callable[[bytes], None]) -> None:
+    """Hand a non-sparse file's chunks to ``write`` in order; they must add up to its size."""
+    written = 0
+    for _ in entry.chunks:
+        data = next_chunk()
+        write(data)
+        written += len(data)
+    if written != entry.size:
+        raise CorruptDataError(f"file {entry.path!r}: chunks hold {written} bytes, catalog says {entry.size}")
 
 
 def _is_within(path: str, dir_path: str) -> bool:
