@@ -17,6 +17,7 @@ from tests.engine_helpers import backup_dir, new_repo, restore_dir, tree_state
 from volmove.core import restore
 from volmove.core.catalog import parse_entry
 from volmove.core.errors import CancelledByUser, CorruptDataError
+from volmove.core.format import pack_key
 from volmove.core.restore import ReadLayout
 from volmove.core.storage.memory import MemoryStorage
 
@@ -154,7 +155,7 @@ def test_a_run_of_adjacent_blobs_is_one_read_and_a_bad_blob_in_it_is_named(tmp_p
     assert len(storage.ranges) == 1
 
     bid, ref = run[2]
-    key = f"data/{ref.pack[:2]}/{ref.pack}"
+    key = pack_key(ref.pack)
     data, when = storage._objects[key]
     flipped = ref.offset + 10  # inside the third blob's stored bytes
     storage._objects[key] = (data[:flipped] + bytes([data[flipped] ^ 1]) + data[flipped + 1 :], when)
