@@ -184,6 +184,21 @@ def test_parent_lookups_follow_walk_order_with_odd_names() -> None:
     assert catalog.get("a") is None  # the stream has moved past it
 
 
+@pytest.mark.parametrize("limit", [0, 1, 150, 10**6])
+def test_parsing_the_parent_ahead_changes_no_lookup(limit: int) -> None:
+    names = [f"d{i}/f{j}" for i in range(3) for j in range(4)]  # walk order
+    lines = [json.dumps({"p": name, "t": "f", "m": 420, "u": 0, "g": 0, "mt": 1, "s": 0, "c": [], "i": 1, "ct": 1},
+                        separators=(",", ":")).encode() for name in names]
+    lines.insert(5, b"not json")  # skipped ahead as it is in the walk
+    wanted = ["d0/f1", "d0/f2", "d1/f0", "d1/f9", "d2/f3"]
+    catalog = backup.ParentCatalog(iter(lines))
+    catalog.parse_ahead(limit)
+    held = len(catalog._ahead)
+    # It stops once `limit` bytes of lines are held (each line is ~110 bytes); all of them if they fit.
+    assert held == {0: 0, 1: 1, 150: 2, 10**6: len(names) - 1}[limit]  # the head is parsed already
+    assert [catalog.get(n) is not None for n in wanted] == [True, True, True, False, True]
+
+
 def test_the_fast_parse_of_plain_parent_lines_agrees_with_the_json_parser() -> None:
     ids = ["0" * 64, "ab" * 32]
     entries = [Entry("small/f.json", FILE, 0o644, 0, 0, 1795847728444110434, 3008, chunks=ids[:1], ino=9, ctime_ns=7),

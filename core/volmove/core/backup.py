@@ -8,7 +8,7 @@ keep per-file costs out of futures and thread switches.  Batches are consumed
 in walk order, so the catalog and the packs do not depend on timing or on the
 number of workers.  Memory is bounded by the in-flight window and the packs
 being uploaded, not by the volume's size (only the ids of the blobs a run adds
-grow with it); the parent snapshot's catalog is streamed, not loaded.
+grow with it); the parent snapshot's catalog is streamed (a bounded stretch parsed ahead), not loaded.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ WINDOW_BATCHES = 64  # bounds the entries held when files are tiny or unchanged
 VERIFY_BYTES = 4 << 20  # old chunks checked per pool job when a changed file is re-chunked
 VERIFY_AHEAD = 4  # such jobs queued ahead of the chunker
 CATALOG_FLUSH = 1 << 20
+PARSE_AHEAD = 8 << 20  # bytes of parent catalog lines parsed before the walk; held as ~3x that
 ZSTD_LEVEL = 3
 Frame = bytes | memoryview  # a compressed chunk
 BlobResult = tuple[str, Frame | None]  # id, compressed data unless already stored
@@ -485,8 +486,20 @@ class ParentCatalog:
 
     def __init__(self, lines: Iterator[bytes]) -> None:
         self._lines = lines
+        self._ahead: deque[tuple[str, ParentFile]] = deque()
         self._head: tuple[str, ParentFile] | None = None
         self._advance()
+
+    def parse_ahead(self, limit: int = PARSE_AHEAD) -> None:
+        """Parse files ahead of the walk, up to ``limit`` bytes of their lines: done where the
+        backup would otherwise wait (for its helper to start), it takes that work off the walk's path."""
+        held = 0
+        while held < limit:
+            found = self._next_file()
+            if found is None:
+                return
+            self._ahead.append(found)
+            held += len(found[1].line)
 
     def get(self, path: str) -> ParentFile | None:
         """``path``'s entry; paths must come in walk order."""
@@ -502,14 +515,17 @@ class ParentCatalog:
 
     def _advance(self) -> None:
         """Move to the next regular file of the catalog."""
-        self._head = None
+        self._head = self._ahead.popleft() if self._ahead else self._next_file()
+
+    def _next_file(self) -> tuple[str, ParentFile] | None:
         try:
             for line in self._lines:
-                self._head = _parent_file(line)
-                if self._head is not None:
-                    return
+                found = _parent_file(line)
+                if found is not None:
+                    return found
         except CorruptDataError:
-            return  # a damaged parent only means reading everything again
+            pass  # a damaged parent only means reading everything again
+        return None
 
 
 def _walk_key(path: str) -> tuple[bytes, ...]:

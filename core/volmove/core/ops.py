@@ -215,7 +215,11 @@ def _backup_base(repo: Repository, volume: str, host: str,
     else:
         repo.load_index()
     parent = _latest(repo, volume, host)
-    return parent, load_catalog_map(repo, parent) if parent else None
+    if parent is None:
+        return None, None
+    catalog = load_catalog_map(repo, parent)
+    catalog.parse_ahead()  # while the helper starts
+    return parent, catalog
 
 
 def _latest(repo: Repository, volume: str, host: str) -> Snapshot | None:
