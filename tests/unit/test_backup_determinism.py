@@ -199,6 +199,26 @@ def test_parsing_the_parent_ahead_changes_no_lookup(limit: int) -> None:
     assert [catalog.get(n) is not None for n in wanted] == [True, True, True, False, True]
 
 
+def test_parsing_the_parent_ahead_stops_when_told() -> None:
+    lines = [json.dumps({"p": f"f{i:02}", "t": "f", "m": 420, "u": 0, "g": 0, "mt": 1, "s": 0, "c": [], "i": 1,
+                         "ct": 1}, separators=(",", ":")).encode() for i in range(20)]
+    stop = threading.Event()
+    parsed = 0
+
+    def counted() -> Iterator[bytes]:
+        nonlocal parsed
+        for line in lines:
+            parsed += 1
+            if parsed == 5:
+                stop.set()
+            yield line
+
+    catalog = backup.ParentCatalog(counted())
+    catalog.parse_ahead(until=stop)
+    assert parsed == 5 and len(catalog._ahead) == 4
+    assert all(catalog.get(f"f{i:02}") is not None for i in range(20))  # the rest as the walk comes
+
+
 def test_the_fast_parse_of_plain_parent_lines_agrees_with_the_json_parser() -> None:
     ids = ["0" * 64, "ab" * 32]
     entries = [Entry("small/f.json", FILE, 0o644, 0, 0, 1795847728444110434, 3008, chunks=ids[:1], ino=9, ctime_ns=7),

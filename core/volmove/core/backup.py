@@ -490,11 +490,11 @@ class ParentCatalog:
         self._head: tuple[str, ParentFile] | None = None
         self._advance()
 
-    def parse_ahead(self, limit: int = PARSE_AHEAD) -> None:
-        """Parse files ahead of the walk, up to ``limit`` bytes of their lines: done where the
-        backup would otherwise wait (for its helper to start), it takes that work off the walk's path."""
+    def parse_ahead(self, limit: int = PARSE_AHEAD, until: threading.Event | None = None) -> None:
+        """Parse files ahead of the walk, up to ``limit`` bytes of their lines or until ``until``
+        is set: done while the backup waits for its helper to start, it takes that work off the walk's path."""
         held = 0
-        while held < limit:
+        while held < limit and not (until and until.is_set()):
             found = self._next_file()
             if found is None:
                 return

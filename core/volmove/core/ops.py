@@ -108,7 +108,8 @@ async def backup_volume(docker: DockerClient, repo: Repository, req: BackupReque
     # Shared: backups run side by side, but never next to a prune deleting what they dedup against.
     async with repo_lease(repo, "shared", "backup") as lease:
         # The repository's side (index, parent catalog) loads while the containers stop and the helper starts.
-        base = asyncio.ensure_future(asyncio.to_thread(_backup_base, repo, spec.name, host, adopt))
+        can_read = threading.Event()  # ends the parsing ahead: the walk starts
+        base = asyncio.ensure_future(asyncio.to_thread(_backup_base, repo, spec.name, host, adopt, can_read))
         try:
             to_stop = await containers_to_stop(docker, spec, req.stop)
             hooks = BackupHooks(docker, await docker.containers_using(spec.name) if spec.kind == "volume" else [])
@@ -119,6 +120,7 @@ async def backup_volume(docker: DockerClient, repo: Repository, req: BackupReque
             # they are back: its start and removal are no part of their downtime.
             async with docker.helper(mount, read_only=True) as helper, hooks.around(), \
                     docker.stopped(to_stop, journal):
+                can_read.set()
                 parent, parent_map = await base
                 engine = await _read_volume(docker, repo, helper, parent, parent_map, progress)
                 # The rest (the last batches, packs and index) needs neither the helper nor the
@@ -126,6 +128,7 @@ async def backup_volume(docker: DockerClient, repo: Repository, req: BackupReque
                 finishing = asyncio.ensure_future(run_cancellable(lambda _: engine.finish(), engine.cancel))
             result = await finishing
         finally:
+            can_read.set()  # also when it never came up: the parsing ahead is for nothing then
             for task in (base, finishing):
                 if task is not None:
                     await asyncio.wait([task])  # no thread outlives the lease
@@ -206,8 +209,8 @@ async def _progress_totals(fd: int, parent: Snapshot | None,
     return await asyncio.to_thread(tree_size, fd)
 
 
-def _backup_base(repo: Repository, volume: str, host: str,
-                 adopt: bool) -> tuple[Snapshot | None, ParentCatalog | None]:
+def _backup_base(repo: Repository, volume: str, host: str, adopt: bool,
+                 can_read: threading.Event) -> tuple[Snapshot | None, ParentCatalog | None]:
     """The index as storage holds it now (a prune may have run since it was loaded)
     and the parent snapshot with its catalog, for change detection."""
     if adopt:
@@ -218,7 +221,7 @@ def _backup_base(repo: Repository, volume: str, host: str,
     if parent is None:
         return None, None
     catalog = load_catalog_map(repo, parent)
-    catalog.parse_ahead()  # while the helper starts
+    catalog.parse_ahead(until=can_read)
     return parent, catalog
 
 
