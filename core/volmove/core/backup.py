@@ -203,7 +203,7 @@ class BackupEngine:
 
     def _reuse_parent(self, entry: Entry, old: ParentFile | None) -> bytes | None:
         """The parent snapshot's catalog line for a file whose metadata says it did not change."""
-        if old is None or old.meta != _meta(entry) or not all(self.repo.has_blob(c) for c in old.chunks):
+        if old is None or old.meta != _meta(entry) or not all(map(self.repo.has_blob, old.chunks)):
             return None
         self.counts["skipped_files"] += 1
         self.counts["bytes"] += entry.size

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 from volmove.core.catalog import (
@@ -35,6 +35,7 @@ _TYPES = {
     stat.S_IFCHR: CHARDEV, stat.S_IFBLK: BLOCKDEV, stat.S_IFSOCK: SOCKET,
 }
 _XATTR_TYPES = frozenset(_TYPES.values())
+_S_IFMT = 0o170000  # stat.S_IFMT as a mask
 
 
 @dataclass(slots=True)
@@ -48,11 +49,11 @@ class Item:
 
 
 def entry_from_stat(path: str, st: os.stat_result) -> Entry:
-    return Entry(
-        path=path, type=_TYPES.get(stat.S_IFMT(st.st_mode), FILE), mode=stat.S_IMODE(st.st_mode),
-        uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns, size=st.st_size if stat.S_ISREG(st.st_mode) else 0,
-        rdev=st.st_rdev, ino=st.st_ino, ctime_ns=st.st_ctime_ns,
-    )
+    m = st.st_mode
+    kind = _TYPES.get(m & _S_IFMT, FILE)
+    return Entry(path, kind, m & 0o7777, st.st_uid, st.st_gid, st.st_mtime_ns,
+                 st.st_size if m & _S_IFMT == stat.S_IFREG else 0, rdev=st.st_rdev, ino=st.st_ino,
+                 ctime_ns=st.st_ctime_ns)  # plain bit operations: this runs once per file of every walk
 
 
 def read_xattrs(dir_fd: int, name: str | None) -> dict[str, bytes]:
@@ -79,7 +80,7 @@ def read_fd_xattrs(fd: int) -> dict[str, bytes]:
         raise
 
 
-def walk(root_fd: int, *, xattrs: bool = True, file_xattrs: bool = True) -> Iterator[Item]:
+def walk(root_fd: int, *, xattrs: bool = True, file_xattrs: bool = True) -> Generator[Item, None, None]:
     """Depth-first, children sorted by their byte names; hardlinked files after
     the first become HARDLINK entries pointing at the first path.
 
@@ -91,52 +92,64 @@ def walk(root_fd: int, *, xattrs: bool = True, file_xattrs: bool = True) -> Iter
     if DIR in types:
         root.xattrs = read_xattrs(root_fd, None)
     yield Item(root, root_fd, ".", st)
+    yield from _walk_tree(root_fd, types)
+
+
+def _walk_tree(root_fd: int, xattrs: frozenset[str]) -> Generator[Item, None, None]:
+    """``xattrs``: the entry types whose xattrs are read.  The directories being walked are a
+    stack, not nested generators: each level of those costs every item below it a resume."""
     seen: dict[tuple[int, int], str] = {}
-    yield from _walk_dir(root_fd, "", seen, types)
-
-
-def _walk_dir(dir_fd: int, prefix: str, seen: dict[tuple[int, int], str], xattrs: frozenset[str]) -> Iterator[Item]:
-    """``xattrs``: the entry types whose xattrs are read."""
+    stack: list[tuple[int, str, Iterator[str]]] = []  # the ancestors: descriptor, path prefix, names left
+    dir_fd, prefix, names = root_fd, "", _names(root_fd)
     try:
-        names = sorted(os.listdir(dir_fd), key=os.fsencode)
-    except FileNotFoundError:
-        return  # removed while we walked
-    for name in names:
-        try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        path = prefix + name
-        entry = entry_from_stat(path, st)
-        if entry.type == FILE and st.st_nlink > 1:
-            first = seen.setdefault((st.st_dev, st.st_ino), path)
-            if first != path:
-                entry.type, entry.target, entry.size = HARDLINK, first, 0
+        while True:
+            for name in names:
+                try:
+                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                path = prefix + name
+                entry = entry_from_stat(path, st)
+                if entry.type == FILE and st.st_nlink > 1:
+                    first = seen.setdefault((st.st_dev, st.st_ino), path)
+                    if first != path:
+                        entry.type, entry.target, entry.size = HARDLINK, first, 0
+                        yield Item(entry, dir_fd, name, st)
+                        continue
+                if entry.type == SYMLINK:
+                    entry.target = os.readlink(name, dir_fd=dir_fd)
+                if entry.type == DIR:
+                    try:
+                        fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+                    except FileNotFoundError:
+                        continue
+                    stack.append((dir_fd, prefix, names))
+                    dir_fd, prefix, names = fd, path + "/", iter(())
+                    if DIR in xattrs:
+                        entry.xattrs = read_xattrs(fd, None)
+                    yield Item(entry, stack[-1][0], name, st)
+                    names = _names(fd)
+                    break  # into it
+                if entry.type in xattrs:
+                    entry.xattrs = read_xattrs(dir_fd, name)
                 yield Item(entry, dir_fd, name, st)
-                continue
-        if entry.type == SYMLINK:
-            entry.target = os.readlink(name, dir_fd=dir_fd)
-        if entry.type == DIR:
-            yield from _walk_subdir(dir_fd, name, entry, st, seen, xattrs)
-            continue
-        if entry.type in xattrs:
-            entry.xattrs = read_xattrs(dir_fd, name)
-        yield Item(entry, dir_fd, name, st)
-
-
-def _walk_subdir(dir_fd: int, name: str, entry: Entry, st: os.stat_result,
-                 seen: dict[tuple[int, int], str], xattrs: frozenset[str]) -> Iterator[Item]:
-    try:
-        fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return
-    try:
-        if DIR in xattrs:
-            entry.xattrs = read_xattrs(fd, None)
-        yield Item(entry, dir_fd, name, st)
-        yield from _walk_dir(fd, entry.path + "/", seen, xattrs)
+            else:  # this directory is done: back to its parent
+                if not stack:
+                    return
+                os.close(dir_fd)
+                dir_fd, prefix, names = stack.pop()
     finally:
-        os.close(fd)
+        for fd in [dir_fd, *(s[0] for s in stack)]:
+            if fd != root_fd:
+                os.close(fd)
+
+
+def _names(dir_fd: int) -> Iterator[str]:
+    """A directory's names in walk order: sorted by their bytes."""
+    try:
+        return iter(sorted(os.listdir(dir_fd), key=os.fsencode))
+    except FileNotFoundError:
+        return iter(())  # removed while we walked
 
 
 def data_extents(fd: int, size: int) -> list[tuple[int, int]] | None:
