@@ -115,9 +115,12 @@ async def test_second_backup_skips_unchanged_files(docker_client: DockerClient, 
     await fill(docker_client, vol, lambda root: [(root / f"f{i}").write_bytes(os.urandom(50_000)) for i in range(20)])
     await acli("backup", vol, repo=repo)
     await fill(docker_client, vol, lambda root: (root / "f3").write_bytes(os.urandom(50_000)))
-    second = json.loads((await acli("backup", vol, "--json", repo=repo)).stdout)[0]["stats"]
+    reported = json.loads((await acli("backup", vol, "--json", repo=repo)).stdout)[0]
+    second = reported["stats"]
     assert second["skipped_files"] == 19
     assert second["new_bytes"] == 50_000
+    # What the backup reports is the snapshot as stored (it is not read back).
+    assert json.loads((await acli("snapshots", "--json", repo=repo)).stdout)[-1] == reported
 
 
 async def _started_at(client: DockerClient, ref_id: str) -> str:

@@ -14,7 +14,7 @@ import tarfile
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
@@ -139,7 +139,7 @@ async def backup_volume(docker: DockerClient, repo: Repository, req: BackupReque
         lease.check()  # a lapsed lease means a prune may have deleted blobs this snapshot names
         sid = await asyncio.to_thread(repo.save_snapshot, snap)  # the commit point
     hooks.raise_post_failure(sid)
-    return await asyncio.to_thread(repo.load_snapshot, sid)
+    return replace(snap, id=sid)  # what was stored, without reading it back (a request on S3)
 
 
 async def _read_volume(docker: DockerClient, repo: Repository, helper: HelperContainer, parent: Snapshot | None,

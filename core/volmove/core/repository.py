@@ -8,10 +8,12 @@ blobs reachable from a committed manifest, and check every blob's hash.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import secrets
 import threading
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 
@@ -42,6 +44,7 @@ from volmove.core.storage.base import Storage
 
 PACK_TARGET = 8 << 20
 PACK_UPLOADS_IN_FLIGHT = 2
+CATALOG_AHEAD = 8  # catalog blobs fetched at once from a store whose requests are slow
 BlobRow = tuple[str, str, int, int, int]  # id, type, offset, length, raw length
 
 
@@ -225,17 +228,39 @@ class Repository:
         return snap
 
     def read_catalog(self, snapshot: Snapshot) -> Iterator[bytes]:
-        """The catalog's lines, streamed blob by blob."""
-        pending = b""
-        for bid in snapshot.catalog:
+        """The catalog's lines, streamed blob by blob (fetched a few ahead where requests are slow)."""
+        def checked(bid: str) -> bytes:
             ref = self.index.get(bid)
             if ref is None or ref.type != BLOB_META:
                 raise CorruptDataError(f"catalog blob {bid} of snapshot {snapshot.id[:8]} is missing")
-            lines = (pending + self.read_blob(bid)).split(b"\n")
+            return self.read_blob(bid)
+
+        ahead = CATALOG_AHEAD if self.storage.prefers_whole_objects else 0
+        pending = b""
+        for data in fetched_ahead(checked, snapshot.catalog, ahead):
+            lines = (pending + data).split(b"\n")
             pending = lines.pop()
             yield from lines
         if pending:
             raise CorruptDataError(f"catalog of snapshot {snapshot.id[:8]} is truncated")
+
+
+def fetched_ahead(fetch: Callable[[str], bytes], keys: Sequence[str], ahead: int) -> Iterator[bytes]:
+    """``fetch(key)`` for each key, in order, with up to ``ahead`` fetches running at once
+    (each S3 request waits ~30 ms here: in a row, a 40-blob catalog took 1.3 s)."""
+    if ahead <= 0:
+        yield from map(fetch, keys)
+        return
+    pool = ThreadPoolExecutor(ahead, thread_name_prefix="fetch")
+    try:
+        rest = iter(keys)
+        running = deque(pool.submit(fetch, key) for key in itertools.islice(rest, ahead))
+        while running:
+            data = running.popleft().result()
+            running.extend(pool.submit(fetch, key) for key in itertools.islice(rest, 1))
+            yield data
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # a reader that stops early leaves nothing running
 
 
 def check_blob(bid: str, ref: BlobRef, raw: bytes | memoryview, blob_id: Hasher,
