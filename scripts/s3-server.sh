@@ -178,7 +178,9 @@ write_conf() {
 [client.rgw.a]
   rgw data = $S3_DIR/rgw.a
   keyring = $S3_DIR/rgw.a/keyring
-  rgw frontends = beast endpoint=127.0.0.1:$RGW_PORT ssl_endpoint=127.0.0.1:$RGW_SSL_PORT ssl_certificate=$S3_DIR/tls/cert.pem ssl_private_key=$S3_DIR/tls/key.pem
+  # tcp_nodelay: without it a small response (a LIST, a HEAD, a short ranged GET) waits ~45 ms
+  # for the client's delayed ACK (Nagle); a 128 KiB one took 5 ms.
+  rgw frontends = beast endpoint=127.0.0.1:$RGW_PORT ssl_endpoint=127.0.0.1:$RGW_SSL_PORT ssl_certificate=$S3_DIR/tls/cert.pem ssl_private_key=$S3_DIR/tls/key.pem tcp_nodelay=1
   rgw thread pool size = 64
   rgw gc obj min wait = $RGW_GC_WAIT
   rgw gc processor period = $RGW_GC_WAIT
