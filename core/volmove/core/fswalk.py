@@ -124,12 +124,12 @@ def _walk_tree(root_fd: int, xattrs: frozenset[str]) -> Generator[Item, None, No
                     except FileNotFoundError:
                         continue
                     stack.append((dir_fd, prefix, names))
-                    dir_fd, prefix, names = fd, path + "/", iter(())
+                    parent_fd, dir_fd, prefix, names = dir_fd, fd, path + "/", iter(())  # `finally` closes fd now
                     if DIR in xattrs:
                         entry.xattrs = read_xattrs(fd, None)
-                    yield Item(entry, stack[-1][0], name, st)
+                    yield Item(entry, parent_fd, name, st)
                     names = _names(fd)
-                    break  # into it
+                    break  # into it: the loop starts over on its names
                 if entry.type in xattrs:
                     entry.xattrs = read_xattrs(dir_fd, name)
                 yield Item(entry, dir_fd, name, st)

@@ -246,8 +246,8 @@ class Repository:
 
 
 def fetched_ahead(fetch: Callable[[str], bytes], keys: Sequence[str], ahead: int) -> Iterator[bytes]:
-    """``fetch(key)`` for each key, in order, with up to ``ahead`` fetches running at once
-    (each S3 request waits ~30 ms here: in a row, a 40-blob catalog took 1.3 s)."""
+    """``fetch(key)`` for each key, in order, with up to ``ahead`` fetches running at once: an S3
+    request waits tens of ms for its first byte, and in a row a 38-blob catalog took 1.36 s at ~36 ms."""
     if ahead <= 0:
         yield from map(fetch, keys)
         return
