@@ -188,3 +188,20 @@ def _wait_for(pred: Callable[[], bool], timeout: float = 10) -> None:
     while not pred():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.01)
+
+
+def test_a_taker_reads_only_the_others_records() -> None:
+    class Counting(MemoryStorage):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gets: list[str] = []
+
+        def get(self, key: str) -> bytes:
+            self.gets.append(key)
+            return super().get(key)
+
+    storage = Counting()
+    with held_lease(storage, "shared", "backup") as first:
+        assert storage.gets == []  # alone: it lists twice and reads nothing (a request each on S3)
+        with held_lease(storage, "shared", "backup"):
+            assert storage.gets == [first.key, first.key]  # before and after writing its own

@@ -125,9 +125,12 @@ class LockRecord:
     lease: Lease
 
 
-def read_records(storage: Storage) -> list[LockRecord]:
+def read_records(storage: Storage, skip: str | None = None) -> list[LockRecord]:
+    """Every lock record but the one at ``skip`` (a taker's own: it knows what it wrote)."""
     out = []
     for info in storage.list(LOCK_PREFIX):
+        if info.key == skip:
+            continue
         try:
             raw = storage.get(info.key)
         except NotFoundError:
@@ -180,9 +183,7 @@ class _Attempt:
 
     def _others(self, now: datetime) -> list[Lease]:
         live = []
-        for record in read_records(self.storage):
-            if record.key == self.key:
-                continue
+        for record in read_records(self.storage, skip=self.key):
             if not is_expired(record.lease, now):
                 live.append(record.lease)
                 continue
