@@ -184,6 +184,11 @@ async def test_helper_is_confined_and_labelled(docker_client: DockerClient, make
     vol = await make_volume()
     async with docker_client.helper(MountSpec.volume(vol), read_only=True, labels={"job": "7"}) as helper:
         info = await docker_client.inspect_container(helper.id)
+        # No network: a namespace of its own that holds only a loopback interface.
+        assert os.readlink(f"/proc/{helper.pid}/ns/net") != os.readlink("/proc/self/ns/net")
+        devices = Path(f"/proc/{helper.pid}/net/dev").read_text().splitlines()[2:]
+        assert [line.split(":")[0].strip() for line in devices] == ["lo"]
+    assert info["Config"]["NetworkDisabled"] is True
     host = info["HostConfig"]
     assert (host["NetworkMode"], host["CapDrop"], host["LogConfig"]["Type"]) == ("none", ["ALL"], "none")
     assert host["SecurityOpt"] == ["no-new-privileges"]

@@ -699,6 +699,10 @@ class DockerClient:
         return {
             "Image": self.helper_image,
             "Cmd": HELPER_CMD,
+            # No network, and none of the engine's network set-up either: the runtime gives the helper a
+            # fresh namespace holding only a loopback.  "none" alone has the engine build a sandbox for it,
+            # which doubled the helper's start here (0.24 s vs 0.11 s).
+            "NetworkDisabled": True,
             "Labels": {**(labels or {}), HELPER_LABEL: "1", **Owner.current().labels()},
             "HostConfig": {
                 "Mounts": [mount.to_api(read_only)],
