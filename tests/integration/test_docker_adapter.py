@@ -186,8 +186,7 @@ async def test_helper_is_confined_and_labelled(docker_client: DockerClient, make
         info = await docker_client.inspect_container(helper.id)
         # No network: a namespace of its own that holds only a loopback interface.
         assert os.readlink(f"/proc/{helper.pid}/ns/net") != os.readlink("/proc/self/ns/net")
-        devices = Path(f"/proc/{helper.pid}/net/dev").read_text().splitlines()[2:]
-        assert [line.split(":")[0].strip() for line in devices] == ["lo"]
+        assert await asyncio.to_thread(_network_devices, helper.pid) == ["lo"]
     assert info["Config"]["NetworkDisabled"] is True
     host = info["HostConfig"]
     assert (host["NetworkMode"], host["CapDrop"], host["LogConfig"]["Type"]) == ("none", ["ALL"], "none")
@@ -197,6 +196,11 @@ async def test_helper_is_confined_and_labelled(docker_client: DockerClient, make
     assert labels["volmove.helper"] == "1" and labels["job"] == "7"
     assert labels["volmove.owner"] == f"{socket.gethostname()}:{os.getpid()}"
     assert [(m["Name"], m["Destination"], m["RW"]) for m in info["Mounts"]] == [(vol, "/data", False)]
+
+
+def _network_devices(pid: int) -> list[str]:
+    lines = Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]  # after two header lines
+    return [line.split(":")[0].strip() for line in lines]
 
 
 async def test_read_only_helper_reads_but_cannot_write(
