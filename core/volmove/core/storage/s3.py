@@ -8,6 +8,8 @@ translated here into a volmove error, so nothing above this module sees boto.
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
 import hashlib
 import os
 import time
@@ -86,6 +88,21 @@ def _error_code(exc: ClientError) -> tuple[str, int]:
     return code, status
 
 
+_M_ARENA_MAX = -8  # glibc's mallopt parameter
+_ARENAS = 2
+
+
+@functools.cache
+def _limit_malloc_arenas() -> None:
+    """glibc gives threads that allocate at the same time arenas of their own (up to 8 per CPU)
+    and keeps what each frees; with boto3's upload threads beside the chunk pool, an S3 backup's
+    peak RSS ranged 203-245 MB over three runs here, and 202-212 MB with two arenas, no slower."""
+    import ctypes  # here: ~20 ms to import, paid only by runs that talk to S3
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: its allocator is left as it is
+        ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, _ARENAS)
+
+
 class S3Storage:
     # Each request costs a round trip: readers should fetch whole packs, not one blob at a time.
     prefers_whole_objects = True
@@ -93,6 +110,7 @@ class S3Storage:
     def __init__(
         self, bucket: str, prefix: str = "", *, create: bool = False, endpoint_url: str | None = None
     ) -> None:
+        _limit_malloc_arenas()
         if not bucket:
             raise UsageError("S3 repository URL needs a bucket: s3://bucket/prefix")
         self.bucket = bucket
