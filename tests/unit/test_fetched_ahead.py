@@ -76,7 +76,7 @@ def test_a_catalog_read_ahead_is_the_catalog(tmp_path: Path) -> None:
     lines = list(repo.read_catalog(snap))
     storage.prefers_whole_objects = False
     assert list(repo.read_catalog(snap)) == lines and len(lines) == 2001
-    # A missing catalog blob is named, ahead or not.
+    # A missing catalog blob is still named when it is fetched ahead.
     storage.prefers_whole_objects = True
     storage.delete(pack_key(repo.index[snap.catalog[-1]].pack))
     with pytest.raises(CorruptDataError, match="missing"):

@@ -96,7 +96,7 @@ _ARENAS = 2
 def _limit_malloc_arenas() -> None:
     """glibc gives threads that allocate at the same time arenas of their own (up to 8 per CPU)
     and keeps what each frees; with boto3's upload threads beside the chunk pool, an S3 backup's
-    peak RSS ranged 203-245 MB over three runs here, and 202-212 MB with two arenas, no slower."""
+    peak RSS ranged 203-245 MB over three runs here, and 182-213 MB over four with this cap, no slower."""
     import ctypes  # here: ~20 ms to import, paid only by runs that talk to S3
 
     with contextlib.suppress(OSError, AttributeError):  # not glibc: its allocator is left as it is
