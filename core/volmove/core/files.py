@@ -1,8 +1,9 @@
 """Local file writing shared by the data path and the state files: whole writes, direct I/O
-constants, and small state files (journals of stopped containers, worker job records)."""
+constants, syncing a file system, and small state files (journals of stopped containers, worker job records)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -19,6 +20,24 @@ def write_all(fd: int, data: bytes | memoryview, pos: int | None = None) -> None
         view = memoryview(data)
         while done < len(view):
             done += os.write(fd, view[done:]) if pos is None else os.pwrite(fd, view[done:], pos + done)
+
+
+def syncfs(fd: int) -> None:
+    """Write out the dirty data of the file system that holds ``fd``; raises its write-back errors
+    (Linux 5.8 on).  Python 3.11 has no ``os.syncfs``; a ctypes call releases the GIL."""
+    libc = _libc()
+    if libc.syncfs(fd) != 0:
+        import ctypes
+
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@functools.cache
+def _libc() -> Any:
+    import ctypes  # here, not above: only restores need it
+
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def write_json_durably(path: Path, doc: Any) -> None:
