@@ -215,6 +215,23 @@ async def test_full_disk_during_restore_is_one_clear_error(docker_client: Docker
         await docker_client.remove_volume(small, force=True)
 
 
+async def test_a_corrupt_index_fails_the_restore_and_leaves_no_volume(
+        docker_client: DockerClient, make_volume: MakeVolume, repo: Path) -> None:
+    # The index loads while the target volume is created and its helper starts: its error must
+    # still be the restore's, and the volume created for it must go.
+    src = await make_volume()
+    await fill(docker_client, src, lambda root: (root / "f").write_bytes(b"data" * 1000))
+    await acli("backup", src, repo=repo)
+    (index,) = (repo / "index").iterdir()
+    raw = bytearray(index.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    index.write_bytes(bytes(raw))
+    target = f"{src}-from-corrupt"
+    proc = await acli("restore", src, "--as", target, repo=repo, check=7)
+    assert f"index {index.name} does not match its hash" in one_line_error(proc)
+    assert not await docker_client.volume_exists(target)
+
+
 def _wait_for(pred: Callable[[], bool], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not pred():

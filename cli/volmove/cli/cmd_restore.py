@@ -28,9 +28,9 @@ def restore(
         return remote_restore(volume, snapshot, as_name, force, allow_devices, on, service, json_out)
 
     async def go() -> RestoreOutcome:
-        repository = await asyncio.to_thread(open_repo, repo)
+        repository = await asyncio.to_thread(open_repo, repo, load_index=False)  # restore_volume loads it
         async with DockerClient.connect(docker) as client:
-            await prepare_host(client, repository)
+            await prepare_host(client, repository, adopt=False)  # a snapshot's blobs are all indexed
             req = RestoreRequest(volume, snapshot, as_name, force, allow_devices)
             with progress_bar(f"restore {as_name or volume}", json_out) as progress:
                 return await restore_volume(client, repository, req, progress)

@@ -12,7 +12,7 @@ import asyncio
 import os
 import tarfile
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -261,6 +261,10 @@ class RestoreOutcome:
 
 async def restore_volume(docker: DockerClient, repo: Repository, req: RestoreRequest,
                          progress: ProgressFn = no_progress) -> RestoreOutcome:
+    # The index is needed once the helper is up: it loads meanwhile (~0.1 s for 1 GiB, as long as
+    # the helper's start).  It reads only index files not read yet, so a loaded repository costs a listing.
+    index = asyncio.create_task(asyncio.to_thread(repo.load_index))
+    index.add_done_callback(_retrieved)  # a restore that fails first is not also a task never awaited
     snap = await asyncio.to_thread(repo.find_snapshot, req.snapshot, req.volume)
     target = req.as_name or snap.volume.name
     if target.startswith("/") or (snap.volume.kind != "volume" and not req.as_name):
@@ -269,7 +273,7 @@ async def restore_volume(docker: DockerClient, repo: Repository, req: RestoreReq
     if created:
         await _create_like(docker, target, snap.volume)
     try:
-        result = await _restore_into(docker, repo, snap, target, req, progress)
+        result = await _restore_into(docker, repo, snap, target, req, progress, index)
     except BaseException:
         if created:  # never leave a half-restored volume that looks complete
             await asyncio.shield(docker.remove_volume(target, force=True))
@@ -282,14 +286,21 @@ async def _create_like(docker: DockerClient, name: str, spec: VolumeSpec) -> Vol
     return await docker.create_volume(name, driver, spec.options, spec.labels)
 
 
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 async def _restore_into(docker: DockerClient, repo: Repository, snap: Snapshot, target: str,
-                        req: RestoreRequest, progress: ProgressFn) -> RestoreResult:
+                        req: RestoreRequest, progress: ProgressFn, index: Awaitable[None]) -> RestoreResult:
     async with docker.helper(MountSpec.volume(target), read_only=False) as helper:
         if helper.root is None:
+            await index
             return await _restore_remote(docker, repo, snap, target, helper, req)
         async with opened_root(helper) as fd:
             if not req.force and not await asyncio.to_thread(target_is_empty, fd):
                 raise _not_empty(target, docker)
+            await index
             return await run_cancellable(
                 lambda cancel: Restorer(repo, fd, allow_devices=req.allow_devices, progress=progress,
                                         cancel=cancel).run(snap))
@@ -404,7 +415,8 @@ def _latest_by_volume(repo: Repository) -> dict[str, Snapshot]:
 async def prepare_host(docker: DockerClient, repo: Repository, *, adopt: bool = True) -> None:
     """Finish what a crashed run left: restart containers it stopped, remove its
     helpers, and (unless a backup will do it, see backup_volume) reuse the packs
-    it uploaded but never indexed."""
+    it uploaded but never indexed.  A restore needs no adoption: the blobs of a
+    committed snapshot are indexed before its manifest is written."""
     await docker.recover_journals(state_dir())
     await docker.cleanup_helpers()
     await asyncio.to_thread(repo.storage.cleanup_incomplete, 3600.0)
