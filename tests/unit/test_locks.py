@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from volmove.core.errors import CancelledByUser, ConflictError
+from volmove.core.errors import CancelledByUser, ConflictError, NotFoundError
 from volmove.core.locks import (
     LOCK_PREFIX,
+    RECORDS_AHEAD,
     HeldLease,
     acquire_lease,
     held_lease,
@@ -22,7 +23,7 @@ from volmove.core.locks import (
 )
 from volmove.core.policy.lease import Lease, LeaseExpiredError, LeaseKind, to_json
 from volmove.core.repository import Repository, init_repository
-from volmove.core.storage.base import Storage
+from volmove.core.storage.base import ObjectInfo, Storage
 from volmove.core.storage.memory import MemoryStorage
 
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -205,3 +206,44 @@ def test_a_taker_reads_only_the_others_records() -> None:
         assert storage.gets == []  # alone: it lists twice and reads nothing (a request each on S3)
         with held_lease(storage, "shared", "backup"):
             assert storage.gets == [first.key, first.key]  # before and after writing its own
+
+
+class SlowStorage(MemoryStorage):
+    """Gets take a while and are counted at once; ``gone`` is listed but released before it is read."""
+
+    def __init__(self, whole_objects: bool) -> None:
+        super().__init__()
+        self.prefers_whole_objects = whole_objects
+        self.running = self.most = 0
+        self.lock = threading.Lock()
+        self.gone = f"{LOCK_PREFIX}gone"
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        yield from super().list(prefix)
+        if prefix == LOCK_PREFIX:
+            yield ObjectInfo(self.gone, 10, time.time())
+
+    def get(self, key: str) -> bytes:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            time.sleep(0.02)
+            if key == self.gone:
+                raise NotFoundError(f"{key} is gone")
+            return super().get(key)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+@pytest.mark.parametrize(("whole_objects", "most"), [(True, RECORDS_AHEAD), (False, 1)], ids=["s3-like", "local"])
+def test_records_are_read_a_few_at_once_where_requests_are_slow(whole_objects: bool, most: int) -> None:
+    storage = SlowStorage(whole_objects)
+    leases = [lease(f"host{i:02d}", "shared" if i % 3 else "exclusive", T0 + i * MIN) for i in range(12)]
+    for i, one in enumerate(leases):
+        storage.put(f"{LOCK_PREFIX}{i:02d}", to_json(one).encode())
+    records = read_records(storage, skip=f"{LOCK_PREFIX}05")
+    assert [(r.key, r.lease) for r in records] == [(f"{LOCK_PREFIX}{i:02d}", one) for i, one in enumerate(leases)
+                                                   if i != 5]  # in listing order, the released one left out
+    assert storage.most == most

@@ -43,7 +43,7 @@ from volmove.core.policy.lease import (
     renew,
     to_json,
 )
-from volmove.core.repository import Repository
+from volmove.core.repository import Repository, fetched_ahead
 from volmove.core.storage.base import ObjectInfo, Storage
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ DEFAULT_WAIT = 600.0  # seconds a taker waits for conflicting leases to go
 WAIT_ENV = "VOLMOVE_LOCK_WAIT"
 UNREADABLE_TTL = 2 * DEFAULT_TTL
 MAX_BACKOFF = 5.0
+RECORDS_AHEAD = 8  # lock records read at once where requests are slow (S3)
 Clock = Callable[[], datetime]
 Step = Literal["hold", "wait", "back_off"]
 
@@ -126,17 +127,19 @@ class LockRecord:
 
 
 def read_records(storage: Storage, skip: str | None = None) -> list[LockRecord]:
-    """Every lock record but the one at ``skip`` (a taker's own: it knows what it wrote)."""
-    out = []
-    for info in storage.list(LOCK_PREFIX):
-        if info.key == skip:
-            continue
-        try:
-            raw = storage.get(info.key)
-        except NotFoundError:
-            continue  # released meanwhile
-        out.append(LockRecord(info.key, _parse(info, raw)))
-    return out
+    """Every lock record but the one at ``skip`` (a taker's own: it knows what it wrote).  On S3 a few
+    are read at once: a fleet's scheduled backups start together, and each taker reads all the others'."""
+    infos = [info for info in storage.list(LOCK_PREFIX) if info.key != skip]
+    ahead = RECORDS_AHEAD if storage.prefers_whole_objects else 0
+    raws = fetched_ahead(lambda key: _get_record(storage, key), [info.key for info in infos], ahead)
+    return [LockRecord(info.key, _parse(info, raw)) for info, raw in zip(infos, raws, strict=True) if raw is not None]
+
+
+def _get_record(storage: Storage, key: str) -> bytes | None:
+    try:
+        return storage.get(key)
+    except NotFoundError:
+        return None  # released meanwhile
 
 
 def _parse(info: ObjectInfo, raw: bytes) -> Lease:
