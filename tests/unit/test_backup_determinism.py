@@ -15,7 +15,7 @@ import pytest
 from tests.engine_helpers import backup_dir, new_repo
 from volmove.core import backup
 from volmove.core.backup import BackupEngine
-from volmove.core.catalog import DIR, FILE, Entry, parse_entry
+from volmove.core.catalog import DIR, FILE, PLAIN_FILE, Entry, parse_entry
 from volmove.core.chunker import StreamChunker, chunk_all, cuts
 from volmove.core.errors import CancelledByUser
 from volmove.core.format import CDC_2020, CDC_RONOMON, ChunkerParams
@@ -228,7 +228,7 @@ def test_the_fast_parse_of_plain_parent_lines_agrees_with_the_json_parser() -> N
                Entry("sparse", FILE, size=9, chunks=ids, extents=[(0, 9)]), Entry("x", FILE, xattrs={"user.a": b"1"}),
                Entry("d", DIR)]
     lines = [e.to_json().encode() for e in entries]
-    assert [backup._PLAIN_FILE.fullmatch(line) is not None for line in lines] == [True] * 4 + [False] * 7
+    assert [PLAIN_FILE.fullmatch(line) is not None for line in lines] == [True] * 4 + [False] * 7
     near = [lines[0].replace(b'"m":420', b'"m":0420'), lines[0].replace(b'"u":0', b'"u":-0'),
             lines[0].replace(b'"s":3008', b'"s":3e3'), lines[0].replace(ids[0].encode(), b"A" * 64),
             lines[0].replace(b"}", b',"z":1}'), lines[0].replace(b'"ct":7', b'"ct":-0'), lines[0] + b" ",

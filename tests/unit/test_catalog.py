@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -16,6 +17,7 @@ from volmove.core.catalog import (
     FIFO,
     FILE,
     HARDLINK,
+    PLAIN_FILE,
     ROOT,
     SOCKET,
     SYMLINK,
@@ -26,6 +28,7 @@ from volmove.core.catalog import (
     encode_lines,
     parent_of,
     parse_entry,
+    parse_json_entry,
 )
 from volmove.core.errors import UnsafeDataError
 
@@ -215,3 +218,34 @@ def test_to_json_writes_what_json_dumps_wrote(seed: int) -> None:
     if rng.random() < 0.5:
         e.xattrs = {rng.choice(["user.a", "user.\u00e9", "security.x"]): rng.randbytes(rng.randrange(20))}
     assert e.to_json() == _reference_json(e)
+
+
+def _outcome(parse: Callable[[bytes], Entry], line: bytes) -> Entry | str:
+    try:
+        return parse(line)
+    except UnsafeDataError as exc:
+        return f"refused: {exc}"
+
+
+def test_plain_file_lines_are_matched_whole_and_read_as_the_json_parser_reads_them() -> None:
+    top = Entry("d/f", FILE, 0o7777, (1 << 32) - 1, (1 << 32) - 1, (1 << 63) - 1, (1 << 60) - 1,
+                chunks=[CHUNK, "0" * 64], ino=(1 << 64) - 1, ctime_ns=1 - (1 << 63))
+    plain = [top, Entry("small/f.json", FILE, 0o644, 0, 0, 1795847728444110434, 3008, chunks=[CHUNK], ino=9,
+                        ctime_ns=7), Entry("empty", FILE, size=0), Entry("sp ace!#$[]~/x", FILE, chunks=[CHUNK])]
+    lines = [e.to_json().encode() for e in plain]
+    assert all(PLAIN_FILE.fullmatch(line) for line in lines)  # these take the fast path
+    assert [parse_entry(line) for line in lines] == plain
+    first = lines[0]
+    out_of_range = [first.replace(b'"m":4095', b'"m":4096'), first.replace(b'"u":4294967295', b'"u":4294967296'),
+                    first.replace(b'"mt":9223372036854775807', b'"mt":9223372036854775808'),
+                    first.replace(b'"ct":-9223372036854775807', b'"ct":-9223372036854775808'),
+                    first.replace(b'"s":1152921504606846975', b'"s":1152921504606846976'),
+                    first.replace(b'"i":18446744073709551615', b'"i":18446744073709551616')]
+    assert all(line != first and PLAIN_FILE.fullmatch(line) for line in out_of_range)
+    near = [lines[1].replace(b'"m":420', b'"m":0420'), lines[1].replace(b'"u":0', b'"u":-0'),
+            lines[1].replace(b'"ct":7', b'"ct":-0'), lines[1].replace(b'"s":3008', b'"s":3e3'),
+            lines[1].replace(b"}", b',"z":1}'), lines[1] + b" ", lines[1].replace(b'"t":"f"', b'"t":"d"'),
+            lines[0].replace(b'","', b'", "')]
+    for line in lines + out_of_range + near:
+        assert _outcome(parse_entry, line) == _outcome(parse_json_entry, line), line
+    assert all(isinstance(_outcome(parse_entry, line), str) for line in out_of_range)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import threading
 import time
 from collections import deque
@@ -27,7 +26,7 @@ from typing import NamedTuple
 
 import zstandard
 
-from volmove.core.catalog import DIR, FILE, Entry
+from volmove.core.catalog import DIR, FILE, PLAIN_FILE, Entry
 from volmove.core.chunker import StreamChunker, chunk_all
 from volmove.core.errors import CancelledByUser, CorruptDataError, StorageError
 from volmove.core.format import BLOB_DATA, BLOB_META, ChunkerParams, Hasher
@@ -543,20 +542,10 @@ def load_catalog_map(repo: Repository, snapshot: Snapshot) -> ParentCatalog:
     return ParentCatalog(repo.read_catalog(snapshot))
 
 
-_NAT = rb"(0|[1-9][0-9]*)"
-_INT = rb"(-?(?:0|[1-9][0-9]*))"
-# A plain file's line as Entry.to_json writes it when its path needs no escapes and it has no
-# extents or xattrs: most lines.  Matching it whole is a third of the cost of json.loads.
-_PLAIN_FILE = re.compile(
-    rb'\{"p":"([\x20\x21\x23-\x5b\x5d-\x7e]+)","t":"f","m":' + _NAT + rb',"u":' + _NAT + rb',"g":' + _NAT
-    + rb',"mt":' + _INT + rb',"s":' + _NAT + rb',"c":\[((?:"[0-9a-f]{64}",)*"[0-9a-f]{64}")?\],"h":"[0-9a-f]{64}",'
-    rb'"i":' + _NAT + rb',"ct":' + _INT + rb"\}")
-
-
 def _parent_file(line: bytes) -> tuple[str, ParentFile] | None:
     """A file's line, checked only as far as reusing it needs (restore checks it in full):
     parsing each line in full would cost more than the rest of an incremental backup."""
-    plain = _PLAIN_FILE.fullmatch(line)
+    plain = PLAIN_FILE.fullmatch(line)
     if plain is not None:
         path, mode, uid, gid, mtime, size, chunks, ino, ctime = plain.groups()
         meta = (int(mode), int(uid), int(gid), int(mtime), int(size), int(ino), int(ctime))
