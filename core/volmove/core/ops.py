@@ -54,10 +54,16 @@ async def run_cancellable(fn: Callable[[threading.Event], T], cancel: threading.
         return await asyncio.shield(task)
     except asyncio.CancelledError:
         cancel.set()
-        await asyncio.wait([task])
-        if not task.cancelled():
-            task.exception()  # the thread's CancelledByUser is expected: do not log it as unretrieved
+        await _settled(task)  # the thread's CancelledByUser is expected: do not log it as unretrieved
         raise
+
+
+async def _settled(task: asyncio.Future[Any]) -> None:
+    """Wait for a task whose outcome is raised elsewhere or superseded, and mark that outcome
+    retrieved: no thread outlives the operation that started it."""
+    await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()
 
 
 @asynccontextmanager
@@ -131,9 +137,7 @@ async def backup_volume(docker: DockerClient, repo: Repository, req: BackupReque
             can_read.set()  # also when it never came up: the parsing ahead is for nothing then
             for task in (base, finishing):
                 if task is not None:
-                    await asyncio.wait([task])  # no thread outlives the lease
-                    if not task.cancelled():
-                        task.exception()  # raised above already, or superseded by what was
+                    await _settled(task)  # no thread outlives the lease
         snap = Snapshot(time=started, host=host, volume=spec, catalog=tuple(result.catalog), entries=result.entries,
                         stats=result.stats, tags=req.tags, parent=parent.id if parent else None)
         lease.check()  # a lapsed lease means a prune may have deleted blobs this snapshot names
@@ -263,8 +267,15 @@ async def restore_volume(docker: DockerClient, repo: Repository, req: RestoreReq
                          progress: ProgressFn = no_progress) -> RestoreOutcome:
     # The index is needed once the helper is up: it loads meanwhile (~0.1 s for 1 GiB, as long as
     # the helper's start).  It reads only index files not read yet, so a loaded repository costs a listing.
-    index = asyncio.create_task(asyncio.to_thread(repo.load_index))
-    index.add_done_callback(_retrieved)  # a restore that fails first is not also a task never awaited
+    index = asyncio.ensure_future(asyncio.to_thread(repo.load_index))
+    try:
+        return await _restore_volume(docker, repo, req, progress, index)
+    finally:
+        await _settled(index)  # awaited already, unless the restore failed first
+
+
+async def _restore_volume(docker: DockerClient, repo: Repository, req: RestoreRequest, progress: ProgressFn,
+                          index: Awaitable[None]) -> RestoreOutcome:
     snap = await asyncio.to_thread(repo.find_snapshot, req.snapshot, req.volume)
     target = req.as_name or snap.volume.name
     if target.startswith("/") or (snap.volume.kind != "volume" and not req.as_name):
@@ -286,21 +297,15 @@ async def _create_like(docker: DockerClient, name: str, spec: VolumeSpec) -> Vol
     return await docker.create_volume(name, driver, spec.options, spec.labels)
 
 
-def _retrieved(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
-
-
 async def _restore_into(docker: DockerClient, repo: Repository, snap: Snapshot, target: str,
                         req: RestoreRequest, progress: ProgressFn, index: Awaitable[None]) -> RestoreResult:
     async with docker.helper(MountSpec.volume(target), read_only=False) as helper:
+        await index
         if helper.root is None:
-            await index
             return await _restore_remote(docker, repo, snap, target, helper, req)
         async with opened_root(helper) as fd:
             if not req.force and not await asyncio.to_thread(target_is_empty, fd):
                 raise _not_empty(target, docker)
-            await index
             return await run_cancellable(
                 lambda cancel: Restorer(repo, fd, allow_devices=req.allow_devices, progress=progress,
                                         cancel=cancel).run(snap))
