@@ -25,8 +25,7 @@ def write_all(fd: int, data: bytes | memoryview, pos: int | None = None) -> None
 def syncfs(fd: int) -> None:
     """Write out the dirty data of the file system that holds ``fd``; raises its write-back errors
     (Linux 5.8 on).  Python 3.11 has no ``os.syncfs``; a ctypes call releases the GIL."""
-    libc = _libc()
-    if libc.syncfs(fd) != 0:
+    if libc().syncfs(fd) != 0:
         import ctypes
 
         err = ctypes.get_errno()
@@ -34,8 +33,9 @@ def syncfs(fd: int) -> None:
 
 
 @functools.cache
-def _libc() -> Any:
-    import ctypes  # here, not above: only restores need it
+def libc() -> Any:
+    """The C library, for the calls Python has no wrapper for."""
+    import ctypes  # here, not above: few runs need it (~2 ms)
 
     return ctypes.CDLL(None, use_errno=True)
 

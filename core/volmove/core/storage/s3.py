@@ -46,6 +46,7 @@ from volmove.core.errors import (
     UsageError,
     VolmoveError,
 )
+from volmove.core.files import libc
 from volmove.core.storage.base import ObjectInfo
 
 if TYPE_CHECKING:
@@ -97,10 +98,8 @@ def _limit_malloc_arenas() -> None:
     """glibc gives threads that allocate at the same time arenas of their own (up to 8 per CPU)
     and keeps what each frees; with boto3's upload threads beside the chunk pool, an S3 backup's
     peak RSS ranged 203-245 MB over three runs here, and 182-213 MB over four with this cap, no slower."""
-    import ctypes  # here: ~20 ms to import, paid only by runs that talk to S3
-
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: its allocator is left as it is
-        ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, _ARENAS)
+    with contextlib.suppress(AttributeError):  # not glibc: its allocator is left as it is
+        libc().mallopt(_M_ARENA_MAX, _ARENAS)
 
 
 class S3Storage:
