@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import zstandard
 
-from volmove.core.catalog import DIR, FILE, PLAIN_FILE, Entry
+from volmove.core.catalog import DIR, FILE, PLAIN_FILE, Entry, plain_file_fields
 from volmove.core.chunker import StreamChunker, chunk_all
 from volmove.core.errors import CancelledByUser, CorruptDataError, StorageError
 from volmove.core.format import BLOB_DATA, BLOB_META, ChunkerParams, Hasher
@@ -547,10 +547,8 @@ def _parent_file(line: bytes) -> tuple[str, ParentFile] | None:
     parsing each line in full would cost more than the rest of an incremental backup."""
     plain = PLAIN_FILE.fullmatch(line)
     if plain is not None:
-        path, mode, uid, gid, mtime, size, chunks, ino, ctime = plain.groups()
-        meta = (int(mode), int(uid), int(gid), int(mtime), int(size), int(ino), int(ctime))
-        ids = chunks.decode()[1:-1].split('","') if chunks else []
-        return path.decode(), ParentFile(meta, ids, line + b"\n", False)
+        path, meta, ids = plain_file_fields(plain)  # in _meta's order
+        return path, ParentFile(meta, ids, line + b"\n", False)
     return _parsed_parent_file(line)
 
 

@@ -144,15 +144,20 @@ def parse_json_entry(line: bytes | str) -> Entry:
     return entry
 
 
+def plain_file_fields(plain: re.Match[bytes]) -> tuple[str, tuple[int, int, int, int, int, int, int], list[str]]:
+    """A ``PLAIN_FILE`` match's path, (mode, uid, gid, mtime, size, ino, ctime) unchecked, and chunk ids."""
+    path, mode, uid, gid, mtime, size, chunks, ino, ctime = plain.groups()
+    meta = (int(mode), int(uid), int(gid), int(mtime), int(size), int(ino), int(ctime))
+    return path.decode(), meta, chunks.decode()[1:-1].split('","') if chunks else []
+
+
 def _plain_file(plain: re.Match[bytes]) -> Entry | None:
     """The entry of a ``PLAIN_FILE`` line; None if a number is out of range (the JSON path names it)."""
-    path, mode, uid, gid, mtime, size, chunks, ino, ctime = plain.groups()
-    m, u, g, mt, s, i, ct = int(mode), int(uid), int(gid), int(mtime), int(size), int(ino), int(ctime)
+    path, (m, u, g, mt, s, i, ct), ids = plain_file_fields(plain)
     if not (m <= 0o7777 and u < 1 << 32 and g < 1 << 32 and -_I64 < mt < _I64 and s < MAX_SIZE and i < 1 << 64
             and -_I64 < ct < _I64):
         return None
-    ids = chunks.decode()[1:-1].split('","') if chunks else []
-    return Entry(path.decode(), FILE, m, u, g, mt, s, chunks=ids, ino=i, ctime_ns=ct)
+    return Entry(path, FILE, m, u, g, mt, s, chunks=ids, ino=i, ctime_ns=ct)
 
 
 def _load(line: bytes | str) -> dict[str, Any]:
