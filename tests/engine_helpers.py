@@ -6,6 +6,9 @@ import hashlib
 import json
 import os
 import stat
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,6 +18,25 @@ from volmove.core.repository import Repository, init_repository
 from volmove.core.restore import Restorer, RestoreResult
 from volmove.core.snapshot import Snapshot, VolumeSpec
 from volmove.core.storage.base import Storage
+
+
+class Overlap:
+    """Counts calls in flight: ``running`` now, ``most`` at once so far."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.running = self.most = 0
+
+    @contextmanager
+    def call(self) -> Iterator[None]:
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.running -= 1
 
 
 def config_doc(**changes: object) -> bytes:

@@ -2,39 +2,31 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.engine_helpers import backup_dir, new_repo
+from tests.engine_helpers import Overlap, backup_dir, new_repo
 from volmove.core.errors import CorruptDataError
 from volmove.core.format import pack_key
 from volmove.core.repository import fetched_ahead
 from volmove.core.storage.memory import MemoryStorage
 
 
-class _Counting:
+class _Counting(Overlap):
     def __init__(self, delay: float = 0.0, fail: str | None = None) -> None:
+        super().__init__()
         self.delay, self.fail = delay, fail
-        self.lock = threading.Lock()
-        self.running = self.most = 0
         self.started: list[str] = []
 
     def __call__(self, key: str) -> bytes:
-        with self.lock:
-            self.running += 1
-            self.most = max(self.most, self.running)
+        with self.call():
             self.started.append(key)
-        try:
             time.sleep(self.delay)
             if key == self.fail:
                 raise CorruptDataError(f"{key} is bad")
             return key.encode()
-        finally:
-            with self.lock:
-                self.running -= 1
 
 
 @pytest.mark.parametrize("ahead", [0, 1, 3, 50])

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from tests.engine_helpers import Overlap
 from volmove.core.errors import CancelledByUser, ConflictError, NotFoundError
 from volmove.core.locks import (
     LOCK_PREFIX,
@@ -208,14 +209,13 @@ def test_a_taker_reads_only_the_others_records() -> None:
             assert storage.gets == [first.key, first.key]  # before and after writing its own
 
 
-class SlowStorage(MemoryStorage):
+class SlowStorage(MemoryStorage, Overlap):
     """Gets take a while and are counted at once; ``gone`` is listed but released before it is read."""
 
     def __init__(self, whole_objects: bool) -> None:
-        super().__init__()
+        MemoryStorage.__init__(self)
+        Overlap.__init__(self)
         self.prefers_whole_objects = whole_objects
-        self.running = self.most = 0
-        self.lock = threading.Lock()
         self.gone = f"{LOCK_PREFIX}gone"
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
@@ -224,17 +224,11 @@ class SlowStorage(MemoryStorage):
             yield ObjectInfo(self.gone, 10, time.time())
 
     def get(self, key: str) -> bytes:
-        with self.lock:
-            self.running += 1
-            self.most = max(self.most, self.running)
-        try:
+        with self.call():
             time.sleep(0.02)
             if key == self.gone:
                 raise NotFoundError(f"{key} is gone")
             return super().get(key)
-        finally:
-            with self.lock:
-                self.running -= 1
 
 
 @pytest.mark.parametrize(("whole_objects", "most"), [(True, RECORDS_AHEAD), (False, 1)], ids=["s3-like", "local"])
