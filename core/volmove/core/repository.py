@@ -13,7 +13,7 @@ import os
 import secrets
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -248,7 +248,7 @@ class Repository:
             raise CorruptDataError(f"catalog of snapshot {snapshot.id[:8]} is truncated")
 
 
-def fetched_ahead(fetch: Callable[[str], T], keys: Sequence[str], ahead: int) -> Iterator[T]:
+def fetched_ahead(fetch: Callable[[str], T], keys: Sequence[str], ahead: int) -> Generator[T, None, None]:
     """``fetch(key)`` for each key, in order, with up to ``ahead`` fetches running at once: an S3
     request waits tens of ms for its first byte, and in a row a 38-blob catalog took 1.36 s at ~36 ms."""
     if ahead <= 0:
